@@ -1,0 +1,503 @@
+/* kvtier._kvtier_native: the Python binding of kvtier's native core.
+ *
+ * Every array argument is checked here (type, dtype, dimensions, contiguity,
+ * matching lengths, null or wrapping spans) before any byte moves, and the work
+ * itself runs with the GIL released. kvtier/_native.py is the only importer;
+ * kvtier/_reference.py holds the same ops in Python.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
+
+#include "crc32c.h"
+#include "pool.h"
+#include "spans.h"
+
+#define DEFAULT_THREADS_CAP 8
+#define GIL_RELEASE_BYTES 4096
+
+static int default_threads = 1;
+
+/* ---- argument checks ---------------------------------------------------- */
+
+enum dtype_kind { UNSIGNED, SIGNED, OTHER };
+
+struct dtype {
+    enum dtype_kind kind;
+    Py_ssize_t itemsize;
+};
+
+static int read_dtype(const Py_buffer *view, struct dtype *dt)
+{
+    const char *f = view->format ? view->format : "B";
+    dt->itemsize = view->itemsize;
+    dt->kind = OTHER;
+    if (*f == '@' || *f == '=' || *f == '<')
+        f++;
+    if (f[0] == '\0' || f[1] != '\0')
+        return -1;
+    if (strchr("BHILQN", f[0]))
+        dt->kind = UNSIGNED;
+    else if (strchr("bhilqn", f[0]))
+        dt->kind = SIGNED;
+    return 0;
+}
+
+static void describe(const Py_buffer *view, char *out, size_t size)
+{
+    struct dtype dt;
+    if (read_dtype(view, &dt) == 0 && dt.kind != OTHER)
+        snprintf(out, size, "%s%d", dt.kind == UNSIGNED ? "uint" : "int",
+                 (int)(dt.itemsize * 8));
+    else
+        snprintf(out, size, "buffer format '%s'", view->format ? view->format : "B");
+}
+
+/* Accepts a 1-D C-contiguous array whose items match one of `allowed`
+ * (a zero-terminated list of (kind, itemsize) pairs). */
+static int get_array(PyObject *obj, const char *name, const char *wanted,
+                     const struct dtype *allowed, Py_buffer *view)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_FORMAT | PyBUF_STRIDES) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s must be a 1-D %s numpy array, got %.100s", name,
+                     wanted, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    char got[64];
+    struct dtype dt;
+    int ok = read_dtype(view, &dt) == 0;
+    for (const struct dtype *a = allowed; ok && a->itemsize; a++)
+        if (a->kind == dt.kind && a->itemsize == dt.itemsize)
+            goto dtype_ok;
+    describe(view, got, sizeof(got));
+    PyErr_Format(PyExc_ValueError, "%s must be a 1-D %s array, got dtype %s", name, wanted,
+                 got);
+    PyBuffer_Release(view);
+    return -1;
+dtype_ok:
+    if (view->ndim != 1) {
+        PyErr_Format(PyExc_ValueError, "%s must be a 1-D %s array, got %d dimensions", name,
+                     wanted, view->ndim);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    if (!PyBuffer_IsContiguous(view, 'C')) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s must be a contiguous %s array, got a strided view "
+                     "(use numpy.ascontiguousarray)",
+                     name, wanted);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static const struct dtype U64[] = {{UNSIGNED, 8}, {OTHER, 0}};
+static const struct dtype OFFSETS[] = {{SIGNED, 8}, {UNSIGNED, 8}, {OTHER, 0}};
+static const struct dtype FDS[] = {{SIGNED, 4}, {SIGNED, 8}, {OTHER, 0}};
+
+static Py_ssize_t count(const Py_buffer *view) { return view->len / view->itemsize; }
+
+static int same_length(const char *a, const Py_buffer *va, const char *b, const Py_buffer *vb)
+{
+    if (count(va) == count(vb))
+        return 0;
+    PyErr_Format(PyExc_ValueError, "%s and %s must have the same length, got %zd and %zd", a,
+                 b, count(va), count(vb));
+    return -1;
+}
+
+/* A span must not start at NULL or run past the end of the address space. */
+static int check_span(const char *name, Py_ssize_t i, uint64_t addr, uint64_t len)
+{
+    if (len == 0)
+        return 0;
+    if (addr == 0) {
+        PyErr_Format(PyExc_ValueError, "span %zd: %s is 0 (null) for a length of %llu bytes",
+                     i, name, (unsigned long long)len);
+        return -1;
+    }
+    if (addr > UINTPTR_MAX - len || len > (uint64_t)PY_SSIZE_T_MAX) {
+        PyErr_Format(PyExc_ValueError,
+                     "span %zd: %s 0x%llx + %llu bytes runs past the end of memory", i, name,
+                     (unsigned long long)addr, (unsigned long long)len);
+        return -1;
+    }
+    return 0;
+}
+
+static int parse_threads(PyObject *obj, int *threads)
+{
+    if (obj == NULL || obj == Py_None) {
+        *threads = default_threads;
+        return 0;
+    }
+    if (!PyLong_Check(obj) || PyBool_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "threads must be a positive int or None, got %.100s",
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    long v = PyLong_AsLong(obj);
+    if (v == -1 && PyErr_Occurred())
+        PyErr_Clear();
+    if (v < 1) {
+        PyErr_Format(PyExc_ValueError, "threads must be a positive int or None, got %R", obj);
+        return -1;
+    }
+    *threads = v > KV_POOL_MAX_THREADS ? KV_POOL_MAX_THREADS : (int)v;
+    return 0;
+}
+
+static PyObject *new_result(Py_ssize_t n, Py_ssize_t itemsize)
+{
+    return PyByteArray_FromStringAndSize(NULL, n * itemsize);
+}
+
+/* ---- copy_spans / memcpy ----------------------------------------------- */
+
+static PyObject *py_copy_spans(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"src_addrs", "dst_addrs", "lengths", "threads", NULL};
+    PyObject *osrc, *odst, *olen, *othreads = Py_None;
+    Py_buffer src, dst, len;
+    int threads, rc = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|O:copy_spans", kwlist, &osrc, &odst, &olen,
+                                     &othreads))
+        return NULL;
+    if (parse_threads(othreads, &threads) < 0)
+        return NULL;
+    if (get_array(osrc, "src_addrs", "uint64", U64, &src) < 0)
+        return NULL;
+    if (get_array(odst, "dst_addrs", "uint64", U64, &dst) < 0)
+        goto fail_src;
+    if (get_array(olen, "lengths", "uint64", U64, &len) < 0)
+        goto fail_dst;
+    if (same_length("src_addrs", &src, "dst_addrs", &dst) < 0 ||
+        same_length("src_addrs", &src, "lengths", &len) < 0)
+        goto fail;
+    const uint64_t *s = src.buf, *d = dst.buf, *l = len.buf;
+    Py_ssize_t n = count(&src);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (check_span("src_addrs", i, s[i], l[i]) < 0 ||
+            check_span("dst_addrs", i, d[i], l[i]) < 0)
+            goto fail;
+        if (l[i] && s[i] < d[i] + l[i] && d[i] < s[i] + l[i]) {
+            PyErr_Format(PyExc_ValueError, "span %zd: source and destination overlap", i);
+            goto fail;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = kv_copy_spans(s, d, l, (size_t)n, threads);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&len);
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&src);
+    if (rc)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+fail:
+    PyBuffer_Release(&len);
+fail_dst:
+    PyBuffer_Release(&dst);
+fail_src:
+    PyBuffer_Release(&src);
+    return NULL;
+}
+
+/* A C-contiguous buffer of any format, looked at as bytes. */
+static int get_bytes(PyObject *obj, const char *name, int writable, Py_buffer *view)
+{
+    if (PyObject_GetBuffer(obj, view, PyBUF_STRIDES) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s must support the buffer protocol, got %.100s", name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    if (writable && view->readonly) {
+        PyErr_Format(PyExc_ValueError, "%s is read-only (%.100s)", name, Py_TYPE(obj)->tp_name);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    if (!PyBuffer_IsContiguous(view, 'C')) {
+        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous", name);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_memcpy(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"dst", "src", "threads", NULL};
+    PyObject *odst, *osrc, *othreads = Py_None;
+    Py_buffer dst, src;
+    int threads, rc = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:memcpy", kwlist, &odst, &osrc, &othreads))
+        return NULL;
+    if (parse_threads(othreads, &threads) < 0)
+        return NULL;
+    if (get_bytes(odst, "dst", 1, &dst) < 0)
+        return NULL;
+    if (get_bytes(osrc, "src", 0, &src) < 0) {
+        PyBuffer_Release(&dst);
+        return NULL;
+    }
+    uint64_t d = (uintptr_t)dst.buf, s = (uintptr_t)src.buf, n = (uint64_t)dst.len;
+    if (dst.len != src.len) {
+        PyErr_Format(PyExc_ValueError, "dst has %zd bytes but src has %zd bytes", dst.len,
+                     src.len);
+        rc = -1;
+    } else if (n && s < d + n && d < s + n) {
+        PyErr_SetString(PyExc_ValueError, "dst and src overlap");
+        rc = -1;
+    } else if (n) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = kv_copy_spans(&s, &d, &n, 1, threads);
+        Py_END_ALLOW_THREADS
+        if (rc)
+            PyErr_NoMemory();
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    if (rc)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* ---- CRC32C -------------------------------------------------------------- */
+
+static int parse_crc_value(PyObject *obj, uint32_t *value)
+{
+    if (!PyLong_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "value must be an int, got %.100s", Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
+    if ((v == (unsigned long long)-1 && PyErr_Occurred()) || v > 0xFFFFFFFFull) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "value must be a CRC in [0, 2**32), got %R", obj);
+        return -1;
+    }
+    *value = (uint32_t)v;
+    return 0;
+}
+
+static PyObject *crc_common(PyObject *args, PyObject *kw, const char *fmt, int software)
+{
+    static char *kwlist[] = {"buf", "value", NULL};
+    PyObject *obuf, *ovalue = NULL;
+    Py_buffer buf;
+    uint32_t value = 0, reg;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, fmt, kwlist, &obuf, &ovalue))
+        return NULL;
+    if (ovalue && parse_crc_value(ovalue, &value) < 0)
+        return NULL;
+    if (get_bytes(obuf, "buf", 0, &buf) < 0)
+        return NULL;
+    reg = ~value;
+    if (buf.len >= GIL_RELEASE_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        reg = software ? kv_crc32c_update_sw(reg, buf.buf, (size_t)buf.len)
+                       : kv_crc32c_update(reg, buf.buf, (size_t)buf.len);
+        Py_END_ALLOW_THREADS
+    } else {
+        reg = software ? kv_crc32c_update_sw(reg, buf.buf, (size_t)buf.len)
+                       : kv_crc32c_update(reg, buf.buf, (size_t)buf.len);
+    }
+    PyBuffer_Release(&buf);
+    return PyLong_FromUnsignedLong(~reg);
+}
+
+static PyObject *py_crc32c(PyObject *self, PyObject *args, PyObject *kw)
+{
+    return crc_common(args, kw, "O|O:crc32c", 0);
+}
+
+static PyObject *py_crc32c_table(PyObject *self, PyObject *args, PyObject *kw)
+{
+    return crc_common(args, kw, "O|O:_crc32c_table", 1);
+}
+
+static PyObject *py_crc32c_spans(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"addrs", "lengths", "threads", NULL};
+    PyObject *oaddr, *olen, *othreads = Py_None, *result = NULL;
+    Py_buffer addr, len;
+    int threads;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:crc32c_spans", kwlist, &oaddr, &olen,
+                                     &othreads))
+        return NULL;
+    if (parse_threads(othreads, &threads) < 0)
+        return NULL;
+    if (get_array(oaddr, "addrs", "uint64", U64, &addr) < 0)
+        return NULL;
+    if (get_array(olen, "lengths", "uint64", U64, &len) < 0)
+        goto done_addr;
+    if (same_length("addrs", &addr, "lengths", &len) < 0)
+        goto done;
+    const uint64_t *a = addr.buf, *l = len.buf;
+    Py_ssize_t n = count(&addr);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (check_span("addrs", i, a[i], l[i]) < 0)
+            goto done;
+    result = new_result(n, sizeof(uint32_t));
+    if (!result)
+        goto done;
+    uint32_t *out = (uint32_t *)PyByteArray_AS_STRING(result);
+    Py_BEGIN_ALLOW_THREADS
+    kv_crc32c_spans(a, l, out, (size_t)n, threads);
+    Py_END_ALLOW_THREADS
+done:
+    PyBuffer_Release(&len);
+done_addr:
+    PyBuffer_Release(&addr);
+    return result;
+}
+
+/* ---- pread_spans / pwrite_spans ------------------------------------------- */
+
+static PyObject *io_common(PyObject *args, PyObject *kw, int write, const char *fmt)
+{
+    static char *kwlist[] = {"fds", "offsets", "addrs", "lengths", "threads", NULL};
+    PyObject *ofds, *ooff, *oaddr, *olen, *othreads = Py_None, *result = NULL;
+    Py_buffer fds = {0}, off, addr, len;
+    int threads, one_fd = -1, fd_scalar = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, fmt, kwlist, &ofds, &ooff, &oaddr, &olen,
+                                     &othreads))
+        return NULL;
+    if (parse_threads(othreads, &threads) < 0)
+        return NULL;
+    if (PyLong_Check(ofds) && !PyBool_Check(ofds)) {
+        long v = PyLong_AsLong(ofds);
+        if ((v == -1 && PyErr_Occurred()) || v < INT32_MIN || v > INT32_MAX) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "fds must be a file descriptor, got %R", ofds);
+            return NULL;
+        }
+        one_fd = (int)v;
+        fd_scalar = 1;
+    } else if (get_array(ofds, "fds", "int32 or int64", FDS, &fds) < 0) {
+        return NULL;
+    }
+    if (get_array(ooff, "offsets", "int64 or uint64", OFFSETS, &off) < 0)
+        goto done_fds;
+    if (get_array(oaddr, "addrs", "uint64", U64, &addr) < 0)
+        goto done_off;
+    if (get_array(olen, "lengths", "uint64", U64, &len) < 0)
+        goto done_addr;
+    if ((!fd_scalar && same_length("fds", &fds, "addrs", &addr) < 0) ||
+        same_length("offsets", &off, "addrs", &addr) < 0 ||
+        same_length("addrs", &addr, "lengths", &len) < 0)
+        goto done;
+    Py_ssize_t n = count(&addr);
+    const uint64_t *a = addr.buf, *l = len.buf;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (check_span("addrs", i, a[i], l[i]) < 0)
+            goto done;
+    struct kv_io *reqs = PyMem_RawMalloc((size_t)(n ? n : 1) * sizeof(struct kv_io));
+    if (!reqs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (fd_scalar)
+            reqs[i].fd = one_fd;
+        else if (fds.itemsize == 4)
+            reqs[i].fd = ((const int32_t *)fds.buf)[i];
+        else {
+            int64_t v = ((const int64_t *)fds.buf)[i];
+            reqs[i].fd = v < INT32_MIN || v > INT32_MAX ? -1 : (int)v; /* -1: EBADF */
+        }
+        uint64_t o = ((const uint64_t *)off.buf)[i];
+        /* uint64 offsets past INT64_MAX read as negative: EINVAL per span */
+        reqs[i].offset = (int64_t)o;
+        reqs[i].addr = a[i];
+        reqs[i].len = l[i];
+        reqs[i].result = 0;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    kv_io_spans(write, reqs, (size_t)n, threads);
+    Py_END_ALLOW_THREADS
+    result = new_result(n, sizeof(int64_t));
+    if (result) {
+        int64_t *out = (int64_t *)PyByteArray_AS_STRING(result);
+        for (Py_ssize_t i = 0; i < n; i++)
+            out[i] = reqs[i].result;
+    }
+    PyMem_RawFree(reqs);
+done:
+    PyBuffer_Release(&len);
+done_addr:
+    PyBuffer_Release(&addr);
+done_off:
+    PyBuffer_Release(&off);
+done_fds:
+    if (!fd_scalar)
+        PyBuffer_Release(&fds);
+    return result;
+}
+
+static PyObject *py_pread_spans(PyObject *self, PyObject *args, PyObject *kw)
+{
+    return io_common(args, kw, 0, "OOOO|O:pread_spans");
+}
+
+static PyObject *py_pwrite_spans(PyObject *self, PyObject *args, PyObject *kw)
+{
+    return io_common(args, kw, 1, "OOOO|O:pwrite_spans");
+}
+
+static PyObject *py_pool_workers(PyObject *self, PyObject *unused)
+{
+    return PyLong_FromLong(kv_pool_num_workers());
+}
+
+/* ---- module ---------------------------------------------------------------- */
+
+#define KW (PyCFunction)(void (*)(void))
+static PyMethodDef methods[] = {
+    {"copy_spans", KW py_copy_spans, METH_VARARGS | METH_KEYWORDS,
+     "copy_spans(src_addrs, dst_addrs, lengths, threads=None) -> None"},
+    {"memcpy", KW py_memcpy, METH_VARARGS | METH_KEYWORDS,
+     "memcpy(dst, src, threads=None) -> None"},
+    {"crc32c", KW py_crc32c, METH_VARARGS | METH_KEYWORDS,
+     "crc32c(buf, value=0) -> int (fastest implementation)"},
+    {"_crc32c_table", KW py_crc32c_table, METH_VARARGS | METH_KEYWORDS,
+     "_crc32c_table(buf, value=0) -> int (portable table implementation)"},
+    {"crc32c_spans", KW py_crc32c_spans, METH_VARARGS | METH_KEYWORDS,
+     "crc32c_spans(addrs, lengths, threads=None) -> bytearray of uint32"},
+    {"pread_spans", KW py_pread_spans, METH_VARARGS | METH_KEYWORDS,
+     "pread_spans(fds, offsets, addrs, lengths, threads=None) -> bytearray of int64"},
+    {"pwrite_spans", KW py_pwrite_spans, METH_VARARGS | METH_KEYWORDS,
+     "pwrite_spans(fds, offsets, addrs, lengths, threads=None) -> bytearray of int64"},
+    {"_pool_workers", py_pool_workers, METH_NOARGS,
+     "_pool_workers() -> number of worker threads started so far"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "kvtier._kvtier_native",
+    "kvtier's native core: batched copies, CRC32C and positional I/O on a thread pool.", -1,
+    methods,
+};
+
+PyMODINIT_FUNC PyInit__kvtier_native(void)
+{
+    kv_crc32c_init();
+    int cpus = kv_num_cpus();
+    default_threads = cpus < DEFAULT_THREADS_CAP ? cpus : DEFAULT_THREADS_CAP;
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    if (PyModule_AddObject(m, "HARDWARE_CRC", PyBool_FromLong(kv_crc32c_hardware())) < 0 ||
+        PyModule_AddIntConstant(m, "DEFAULT_THREADS", default_threads) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_THREADS", KV_POOL_MAX_THREADS) < 0 ||
+        PyModule_AddIntConstant(m, "INLINE_BYTES", KV_INLINE_BYTES) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
