@@ -1,0 +1,541 @@
+"""TieredCache: the one owner of "where does key K live, and what happens to it next".
+
+Primitives, in lifecycle order:
+
+    lookup(keys)                 longest stored prefix, and the tier of each block
+    prepare_store(keys, owner)   reserve top-tier slots (evicting if needed);
+                                 the blocks are PENDING: invisible to lookup
+    complete_store(h, success)   publish them, or roll back
+    prepare_load(keys, owner)    lease the stored prefix; blocks in lower tiers
+                                 are promoted into top-tier slots in the background
+    complete_load(h)             release the leases
+    release(owner)               abort everything an owner still holds
+
+Eviction picks victims through each tier's EvictionPolicy.  A victim's bytes
+are copied into a bounded staging pool and its slot is freed at once; the
+TransferEngine then writes it to the next tier (demotion) in the background.
+When the pool is full the demotion is dropped and counted: the caller never
+waits on a slower tier.  Leases and pending stores carry a deadline; an owner
+that disappears cannot pin slots for longer than ``lease_timeout_s``.
+
+One lock guards the index; bytes move outside it (the caller's copies into
+handle views) or on transfer threads.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections import Counter, defaultdict
+from typing import Hashable, Sequence
+
+from . import _native
+from .errors import ConfigError, TierIOError
+from .handles import DOOMED, PENDING, PROMOTING, READY, Entry, LoadHandle, Lookup, StoreHandle
+from .keys import Namespace, check_keys
+from .policy import EvictionPolicy, make_policy
+from .tiers.base import Tier
+from .tiers.host import HostTier
+from .transfer import Job, TransferEngine
+
+log = logging.getLogger(__name__)
+
+
+class TieredCache:
+    """An ordered stack of tiers (fastest first) behind one index."""
+
+    def __init__(self, tiers: Sequence[Tier], policy: str | Sequence[str] = "lru", *,
+                 lease_timeout_s: float = 30.0, staging_bytes: int = 64 << 20,
+                 transfer_threads: int = 2, namespace: Namespace | None = None):
+        tiers = list(tiers)
+        if not tiers:
+            raise ConfigError("tiers", "[]", "at least one tier")
+        if not tiers[0].addressable or tiers[0].num_slots is None:
+            raise ConfigError("tiers[0]", tiers[0].name, "an addressable tier with slots (host or gpu)")
+        bb = tiers[0].block_bytes
+        for t in tiers:
+            if t.block_bytes != bb:
+                raise ConfigError(f"{t.name}.block_bytes", t.block_bytes, f"{bb}, like {tiers[0].name}")
+        if len({t.name for t in tiers}) != len(tiers):
+            raise ConfigError("tiers", [t.name for t in tiers], "distinct tier names")
+        names = [policy] * len(tiers) if isinstance(policy, str) else list(policy)
+        if len(names) != len(tiers):
+            raise ConfigError("policy", names, f"one policy name or {len(tiers)} names")
+        if not (isinstance(lease_timeout_s, (int, float)) and lease_timeout_s > 0):
+            raise ConfigError("lease_timeout_s", lease_timeout_s, "a positive number of seconds")
+        self.tiers = tiers
+        self.namespace = namespace
+        self.block_bytes = bb
+        self.lease_timeout_s = float(lease_timeout_s)
+        self._policies: list[EvictionPolicy | None] = [
+            make_policy(p, t.num_slots) if t.num_slots is not None else None for p, t in zip(names, tiers)]
+        self._index: list[dict[bytes, Entry]] = [dict() for _ in tiers]
+        self._lock = threading.RLock()
+        stores_bytes = getattr(tiers[0], "stores_bytes", True)
+        slots = max(1, staging_bytes // max(1, getattr(tiers[0], "slot_bytes", bb)))
+        self._staging = HostTier("staging", bb, slots if stores_bytes else 1 << 30,
+                                 memory="pageable" if stores_bytes else "none")
+        self._bytes = stores_bytes
+        self._inflight: dict[bytes, int] = {}          # key -> staging slot, while moving down
+        self._engine = TransferEngine(transfer_threads)
+        self._deadlines: list[tuple[float, int, object]] = []
+        self._seq = itertools.count()
+        self._owners: dict[Hashable, set] = defaultdict(set)
+        self._stats: Counter = Counter()
+        self._recover()
+
+    # ---- construction from config --------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg, namespace: Namespace, block_bytes: int) -> "TieredCache":
+        """Build the tier stack a :class:`~kvtier.config.KVTierConfig` describes."""
+        from .tiers.factory import build_tiers
+        tiers, policies = build_tiers(cfg, namespace, block_bytes)
+        return cls(tiers, policies, lease_timeout_s=cfg.lease_timeout_s,
+                   staging_bytes=cfg.staging_bytes, transfer_threads=cfg.transfer_threads,
+                   namespace=namespace)
+
+    def _recover(self) -> None:
+        for t, tier in enumerate(self.tiers):
+            for key, slot in tier.recover():
+                self._index[t][key] = Entry(slot, READY, 0)
+                if self._policies[t] is not None:
+                    self._policies[t].insert(key, 0)
+            if self._index[t]:
+                log.info("%s: recovered %d blocks", tier.name, len(self._index[t]))
+
+    # ---- lookup ---------------------------------------------------------------------
+    def lookup(self, keys: Sequence[bytes]) -> Lookup:
+        """The longest prefix of ``keys`` stored in any tier, and the tier of each block."""
+        check_keys(keys)
+        where: list[str] = []
+        with self._lock:
+            self._expire()
+            for key in keys:
+                t = self._find(key)
+                if t is None:
+                    break
+                where.append(self.tiers[t].name)
+        rest = list(keys[len(where):])
+        for t, tier in enumerate(self.tiers):      # shared tiers: asked outside the lock
+            if not rest or tier.num_slots is not None:
+                continue
+            found = self._ask(tier, rest)
+            with self._lock:
+                for key in rest[:found]:
+                    self._index[t].setdefault(key, Entry(0, READY, 0))
+            where += [tier.name] * found
+            rest = rest[found:]
+        with self._lock:
+            self._stats["lookups"] += 1
+            self._stats["lookup_blocks"] += len(keys)
+            for name in where:
+                self._stats[f"{name}.hit_blocks"] += 1
+            self._stats["miss_blocks"] += len(keys) - len(where)
+        return Lookup(len(where), tuple(where))
+
+    def _find(self, key: bytes) -> int | None:
+        for t, index in enumerate(self._index):
+            e = index.get(key)
+            if e is not None and e.state == READY:
+                return t
+        return None
+
+    def _ask(self, tier: Tier, keys: list[bytes]) -> int:
+        """How many leading keys a shared tier holds; a failing tier holds none."""
+        try:
+            have = tier.contains(keys)
+        except Exception as e:  # a dead peer is a miss
+            self._stats[f"{tier.name}.errors"] += 1
+            log.debug("%s: contains failed: %s", tier.name, e)
+            return 0
+        n = 0
+        while n < len(keys) and have[n]:
+            n += 1
+        return n
+
+    # ---- store ----------------------------------------------------------------------
+    def prepare_store(self, keys: Sequence[bytes], owner: Hashable, start: int = 0) -> StoreHandle | None:
+        """Reserve top-tier slots for the keys not stored yet; None if none can be.
+
+        Keys already stored (or being stored) are skipped.  If the tier cannot
+        make room for all of them, the leading ones get slots.
+        """
+        check_keys(keys)
+        top, policy = self.tiers[0], self._policies[0]
+        with self._lock:
+            self._expire()
+            seen: set[bytes] = set()
+            todo = []
+            for i, key in enumerate(keys):
+                if key in seen or self._present(key):
+                    continue
+                seen.add(key)
+                if policy.admit(key, start + i):
+                    todo.append(i)
+                else:
+                    self._stats[f"{top.name}.not_admitted"] += 1
+            slots = self._reserve(0, len(todo)) if todo else []
+            if not slots:
+                if todo:
+                    self._stats["store_rejected_blocks"] += len(todo)
+                return None
+            self._stats["store_rejected_blocks"] += len(todo) - len(slots)
+            todo = todo[:len(slots)]
+            hkeys = [keys[i] for i in todo]
+            for key, slot, i in zip(hkeys, slots, todo):
+                self._index[0][key] = Entry(slot, PENDING, start + i)
+            views = [top.view(s) for s in slots] if self._bytes else None
+            h = StoreHandle(owner, hkeys, slots, todo, self._deadline(), views)
+            self._track(h)
+            return h
+
+    def complete_store(self, handle: StoreHandle, success: bool) -> bool:
+        """Publish the handle's blocks (or roll back). False if the handle had expired."""
+        with self._lock:
+            if handle.closed:
+                return False
+            self._untrack(handle)
+            index, policy = self._index[0], self._policies[0]
+            if not success:
+                self._rollback_store(handle)
+                return True
+            for key in handle.keys:
+                e = index[key]
+                e.state = READY
+                policy.insert(key, e.pos)
+            n = len(handle.keys)
+            self._stats[f"{self.tiers[0].name}.stored_blocks"] += n
+            self._stats[f"{self.tiers[0].name}.bytes_in"] += n * self.block_bytes
+            for t in range(1, len(self.tiers)):
+                if self.tiers[t].write_through:
+                    self._copy_down(0, t, [(k, index[k]) for k in handle.keys])
+            return True
+
+    def _rollback_store(self, handle: StoreHandle) -> None:
+        index = self._index[0]
+        for key in handle.keys:
+            e = index.pop(key)
+            self.tiers[0].free([e.slot])
+        self._stats["store_failed_blocks"] += len(handle.keys)
+
+    def _present(self, key: bytes) -> bool:
+        if key in self._inflight:
+            return True
+        return any(key in index for index in self._index)
+
+    # ---- load -----------------------------------------------------------------------
+    def prepare_load(self, keys: Sequence[bytes], owner: Hashable, start: int = 0) -> LoadHandle | None:
+        """Lease the stored prefix of ``keys``; promote lower-tier blocks to the top tier.
+
+        Returns None when the first key is not stored.  The handle covers the
+        longest prefix that could be leased; poll ``ready()`` before copying.
+        """
+        check_keys(keys)
+        with self._lock:
+            self._expire()
+            entries, slots, tiers, jobs = [], [], [], []
+            promote: dict[int, list[tuple[bytes, Entry]]] = defaultdict(list)
+            for i, key in enumerate(keys):
+                top = self._index[0].get(key)
+                if top is not None and top.state in (READY, PROMOTING):
+                    top.leases += 1
+                    if top.state == READY:
+                        self._policies[0].access(key, start + i)
+                    elif top.job is not None and top.job not in jobs:
+                        jobs.append(top.job)
+                    entries.append(top)
+                    tiers.append(self.tiers[0].name)
+                    continue
+                t = self._find(key)
+                if t is None:
+                    break
+                src = self._index[t][key]
+                got = self._reserve(0, 1)
+                if not got:
+                    break
+                src.leases += 1
+                if self._policies[t] is not None:
+                    self._policies[t].access(key, start + i)
+                e = Entry(got[0], PROMOTING, start + i, leases=1)
+                self._index[0][key] = e
+                promote[t].append((key, src, e))
+                entries.append(e)
+                tiers.append(self.tiers[t].name)
+            if not entries:
+                self._stats["load_miss"] += 1
+                return None
+            for t, items in promote.items():
+                job = self._engine.submit(f"promote {self.tiers[t].name}->{self.tiers[0].name}",
+                                          lambda t=t, items=items: self._promote(t, items),
+                                          lambda job, t=t, items=items: self._promoted(job, t, items))
+                for _, _, e in items:
+                    if e.state == PROMOTING:
+                        e.job = job
+                if not job.done():
+                    jobs.append(job)
+            n = len(entries)
+            hkeys = list(keys[:n])
+            slots = [e.slot for e in entries]
+            views = [self.tiers[0].view(s) for s in slots] if self._bytes else None
+            h = LoadHandle(owner, hkeys, slots, list(range(n)), self._deadline(), views,
+                           entries, jobs, tuple(tiers))
+            self._track(h)
+            return h
+
+    def _promote(self, t: int, items) -> list[bool]:
+        """Transfer thread: read blocks from tier t straight into their top-tier slots."""
+        src, top = self.tiers[t], self.tiers[0]
+        keys = [k for k, _, _ in items]
+        if not self._bytes:
+            return [True] * len(items)
+        if top.medium == "host":
+            dsts = [top.view(e.slot) for _, _, e in items]
+            return src.read(keys, [s.slot for _, s, _ in items], dsts)
+        # a non-host top tier (gpu): go through staging
+        stage = self._staging.allocate(len(items))
+        if stage is None:
+            raise TierIOError("staging pool exhausted")
+        try:
+            views = [self._staging.view(s) for s in stage]
+            ok = src.read(keys, [s.slot for _, s, _ in items], views)
+            good = [i for i, o in enumerate(ok) if o]
+            top.write([keys[i] for i in good], [items[i][2].slot for i in good], [views[i] for i in good])
+            return ok
+        finally:
+            self._staging.free(stage)
+
+    def _promoted(self, job: Job, t: int, items) -> None:
+        ok = job.result if job.ok else [False] * len(items)
+        name = self.tiers[t].name
+        with self._lock:
+            for (key, src, e), good in zip(items, ok):
+                e.job = None
+                self._unlease(t, key, src)
+                if good and e.state == PROMOTING:
+                    e.state = READY
+                    self._policies[0].insert(key, e.pos)
+                    self._stats[f"{name}.promoted_blocks"] += 1
+                    self._stats[f"{name}.bytes_out"] += self.block_bytes
+                    continue
+                self._stats[f"{name}.failed_reads"] += 1
+                if not good and job.ok:        # the tier dropped it (corrupt or vanished)
+                    self._drop(t, key)
+                self._doom(0, key, e)
+
+    def complete_load(self, handle: LoadHandle, success: bool = True) -> bool:
+        """Release the handle's leases. False if it had already expired or closed."""
+        with self._lock:
+            if handle.closed:
+                return False
+            self._untrack(handle)
+            self._release_load(handle)
+            if success:
+                self._stats["loaded_blocks"] += handle.num_ok
+            return True
+
+    def _release_load(self, handle: LoadHandle) -> None:
+        for key, e in zip(handle.keys, handle.entries):
+            self._unlease(0, key, e)
+
+    # ---- leases, owners, deadlines ---------------------------------------------------
+    def release(self, owner: Hashable) -> int:
+        """Abort every handle ``owner`` still holds; returns how many."""
+        with self._lock:
+            handles = list(self._owners.pop(owner, ()))
+            for h in handles:
+                self._abort(h)
+            return len(handles)
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self.lease_timeout_s
+
+    def _track(self, h) -> None:
+        self._owners[h.owner].add(h)
+        heapq.heappush(self._deadlines, (h.deadline, next(self._seq), h))
+
+    def _untrack(self, h) -> None:
+        h.closed = True
+        hs = self._owners.get(h.owner)
+        if hs is not None:
+            hs.discard(h)
+            if not hs:
+                del self._owners[h.owner]
+
+    def _abort(self, h) -> None:
+        h.closed = True
+        if isinstance(h, StoreHandle):
+            self._rollback_store(h)
+        else:
+            self._release_load(h)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, h = heapq.heappop(self._deadlines)
+            if h.closed:
+                continue
+            self._untrack(h)
+            h.expired = True
+            self._abort(h)
+            self._stats["lease_timeouts"] += 1
+            log.warning("lease of owner %r expired after %.1fs: released", h.owner, self.lease_timeout_s)
+
+    def _unlease(self, t: int, key: bytes, e: Entry) -> None:
+        e.leases -= 1
+        if e.leases == 0 and e.state == DOOMED:
+            self.tiers[t].free([e.slot])
+
+    def _doom(self, t: int, key: bytes, e: Entry) -> None:
+        """Remove an entry from the index; its slot is freed when the last lease goes."""
+        if self._index[t].get(key) is e:
+            del self._index[t][key]
+        if self._policies[t] is not None:
+            self._policies[t].remove(key)
+        e.state = DOOMED
+        if e.leases == 0:
+            self.tiers[t].free([e.slot])
+
+    def _drop(self, t: int, key: bytes) -> None:
+        e = self._index[t].get(key)
+        if e is not None:
+            self.tiers[t].discard([key], [e.slot])
+            self._doom(t, key, e)
+
+    # ---- eviction and demotion -------------------------------------------------------
+    def _reserve(self, t: int, n: int) -> list[int]:
+        """Up to n slots in tier t, evicting (and demoting) unprotected blocks."""
+        tier, policy = self.tiers[t], self._policies[t]
+        if tier.num_slots is None:
+            return [0] * n
+        short = n - tier.num_free
+        if short > 0:
+            index = self._index[t]
+
+            def protected(k: bytes) -> bool:
+                e = index.get(k)
+                return e is None or e.leases > 0 or e.state != READY
+            victims = policy.evict(short, protected)
+            if victims is None:                    # not all: take what can be had
+                victims = []
+                while len(victims) < short:
+                    one = policy.evict(1, protected)
+                    if not one:
+                        break
+                    victims += one
+            if victims:
+                self._evict(t, victims)
+        return tier.allocate(min(n, tier.num_free)) or []
+
+    def _evict(self, t: int, victims: list[bytes]) -> None:
+        tier, index = self.tiers[t], self._index[t]
+        self._stats[f"{tier.name}.evicted_blocks"] += len(victims)
+        down = t + 1 if t + 1 < len(self.tiers) else None
+        moving = []
+        for key in victims:
+            e = index[key]
+            if down is not None and not self.tiers[down].write_through:
+                moving.append((key, e))
+        if moving:
+            self._copy_down(t, down, moving)
+        for key in victims:
+            e = index.pop(key)
+            tier.discard([key], [e.slot])
+            tier.free([e.slot])
+
+    def _copy_down(self, t: int, down: int, items: list[tuple[bytes, Entry]]) -> None:
+        """Copy blocks of tier t into staging and queue their write to tier ``down``."""
+        lower, src = self.tiers[down], self.tiers[t]
+        policy = self._policies[down]
+        batch = []
+        for key, e in items:
+            if key in self._inflight or any(key in self._index[d] for d in range(down, len(self.tiers))):
+                continue                           # already below (or on its way)
+            if policy is not None and not policy.admit(key, e.pos):
+                self._stats[f"{lower.name}.not_admitted"] += 1
+                continue
+            got = self._staging.allocate(1)
+            if not got:
+                self._stats[f"{lower.name}.demotions_dropped"] += 1
+                continue
+            if self._bytes:
+                if src.addressable and src.medium == "host":
+                    _native.memcpy(self._staging.view(got[0]), src.view(e.slot))
+                else:
+                    src.read([key], [e.slot], [self._staging.view(got[0])])
+            self._inflight[key] = got[0]
+            batch.append((key, got[0], e.pos))
+        if batch:
+            self._engine.submit(f"demote {src.name}->{lower.name}",
+                                lambda: self._write_down(down, batch),
+                                lambda job: self._written_down(job, down, batch))
+
+    def _write_down(self, down: int, batch) -> list[bool]:
+        """Transfer thread: reserve slots in the lower tier and write the staged bytes."""
+        lower = self.tiers[down]
+        with self._lock:
+            slots = self._reserve(down, len(batch))
+            for (key, _, pos), slot in zip(batch, slots):
+                self._index[down][key] = Entry(slot, PENDING, pos)
+        views = [self._staging.view(st) for _, st, _ in batch[:len(slots)]] if self._bytes \
+            else [None] * len(slots)
+        keys = [k for k, _, _ in batch[:len(slots)]]
+        return lower.write(keys, slots, views) if self._bytes else [True] * len(slots)
+
+    def _written_down(self, job: Job, down: int, batch) -> None:
+        lower, policy = self.tiers[down], self._policies[down]
+        with self._lock:
+            results: dict[bytes, bool] = {}
+            if isinstance(job.result, list):
+                for (key, _, _), good in zip(batch, job.result):
+                    results[key] = good
+            for key, st, pos in batch:
+                self._inflight.pop(key, None)
+                self._staging.free([st])
+                e = self._index[down].get(key)
+                if e is None or e.state != PENDING:
+                    continue
+                if job.ok and results.get(key):
+                    e.state = READY
+                    if policy is not None:
+                        policy.insert(key, pos)
+                    self._stats[f"{lower.name}.stored_blocks"] += 1
+                    self._stats[f"{lower.name}.bytes_in"] += self.block_bytes
+                else:
+                    del self._index[down][key]
+                    lower.free([e.slot])
+                    self._stats[f"{lower.name}.failed_writes"] += 1
+
+    # ---- housekeeping ---------------------------------------------------------------
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for background demotions and promotions to finish."""
+        return self._engine.flush(timeout)
+
+    def stats(self) -> dict:
+        """A snapshot: counters plus per-tier occupancy."""
+        with self._lock:
+            out = dict(self._stats)
+            for t, tier in enumerate(self.tiers):
+                out[f"{tier.name}.resident_blocks"] = sum(
+                    1 for e in self._index[t].values() if e.state == READY)
+                out[f"{tier.name}.leased_blocks"] = sum(1 for e in self._index[t].values() if e.leases)
+            out["inflight_blocks"] = len(self._inflight)
+            out["open_handles"] = sum(len(v) for v in self._owners.values())
+            return out
+
+    def tier_stats(self) -> list[dict]:
+        return [t.stats() for t in self.tiers]
+
+    def close(self) -> None:
+        self.flush(timeout=60)
+        self._engine.close()
+        for t in self.tiers:
+            t.close()
+        self._staging.close()
+
+    def __enter__(self) -> "TieredCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

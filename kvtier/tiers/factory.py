@@ -1,0 +1,42 @@
+"""Build the tier stack a KVTierConfig describes: gpu → host → disk → remote."""
+from __future__ import annotations
+
+from ..config import KVTierConfig
+from ..errors import ConfigError
+from ..keys import Namespace
+from .base import Tier
+from .host import SLOT_ALIGN, HostTier, _round_up
+
+
+def _slots(key: str, capacity: int, block_bytes: int) -> int:
+    n = capacity // block_bytes
+    if n <= 0:
+        raise ConfigError(key, capacity, f"room for at least one block ({block_bytes} bytes)")
+    return n
+
+
+def build_tiers(cfg: KVTierConfig, namespace: Namespace, block_bytes: int) -> tuple[list[Tier], list[str]]:
+    """Instantiate the configured tiers, fastest first, with their policy names."""
+    if not isinstance(block_bytes, int) or block_bytes <= 0:
+        raise ConfigError("block_bytes", block_bytes, "a positive int")
+    tiers: list[Tier] = []
+    policies: list[str] = []
+    if cfg.gpu is not None:
+        from .gpu import GpuTier
+        tiers.append(GpuTier("gpu", block_bytes, _slots("gpu.capacity_bytes", cfg.gpu.capacity_bytes, block_bytes),
+                             device=cfg.gpu.device))
+        policies.append(cfg.gpu.policy)
+    memory = {"auto": "auto", "on": "pinned", "off": "pageable"}[cfg.host.pinned]
+    slot = _round_up(block_bytes, SLOT_ALIGN)
+    tiers.append(HostTier("host", block_bytes, _slots("host.capacity_bytes", cfg.host.capacity_bytes, slot),
+                          memory=memory))
+    policies.append(cfg.host.policy)
+    if cfg.disk is not None:
+        from .disk import DiskTier
+        tiers.append(DiskTier.from_config(cfg.disk, namespace=namespace, block_bytes=block_bytes))
+        policies.append(cfg.disk.policy)
+    if cfg.remote is not None:
+        from .remote import make_remote_tier
+        tiers.append(make_remote_tier(cfg.remote, namespace=namespace, block_bytes=block_bytes))
+        policies.append("lru")          # unused: remote capacity is managed by the servers
+    return tiers, policies

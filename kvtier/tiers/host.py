@@ -1,0 +1,121 @@
+"""HostTier: one arena of host memory, allocated once, cut into fixed slots.
+
+The arena is pinned (page-locked, registered with CUDA) when CUDA is available
+so device copies run as DMA, and page-aligned ordinary memory otherwise.  Slots
+are ``block_bytes`` rounded up to 4 KiB, so every slot can also be the buffer
+of an O_DIRECT read or write.  ``memory="none"`` keeps the bookkeeping without
+bytes, for metadata-only studies (trace replay).
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+from typing import Sequence
+
+import numpy as np
+
+from .. import _native
+from ..errors import ConfigError, KVTierError
+from .base import Tier
+
+log = logging.getLogger(__name__)
+
+SLOT_ALIGN = 4096
+_MEMORY = ("auto", "pinned", "pageable", "none")
+
+
+def _round_up(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except Exception:  # a broken torch install is "no CUDA"
+        return False
+
+
+class HostTier(Tier):
+    medium = "host"
+    addressable = True
+
+    def __init__(self, name: str, block_bytes: int, num_slots: int, memory: str = "auto"):
+        super().__init__(name, block_bytes, num_slots)
+        if memory not in _MEMORY:
+            raise ConfigError(f"{name}.memory", memory, "one of " + ", ".join(_MEMORY))
+        if memory == "auto":
+            memory = "pinned" if _cuda_available() else "pageable"
+        self.memory = memory
+        self.slot_bytes = _round_up(block_bytes, SLOT_ALIGN)
+        self._mmap = None
+        self._tensor = None
+        if memory == "none":
+            self._arena = None
+            return
+        nbytes = self.slot_bytes * num_slots
+        if memory == "pinned":
+            import torch
+            try:
+                self._tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            except RuntimeError as e:
+                raise ConfigError(f"{name}.capacity_bytes", nbytes,
+                                  f"an amount of pinned memory this machine can lock ({e})") from e
+            self._arena = self._tensor.numpy()
+        else:
+            try:
+                self._mmap = mmap.mmap(-1, nbytes)       # anonymous: page-aligned, zero-filled lazily
+            except (OSError, OverflowError) as e:
+                raise ConfigError(f"{name}.capacity_bytes", nbytes,
+                                  f"an amount of memory this machine can map ({e})") from e
+            self._arena = np.frombuffer(self._mmap, dtype=np.uint8)
+        self._base = self._arena.ctypes.data
+        log.debug("%s: %d slots of %d bytes, %s memory", name, num_slots, self.slot_bytes, memory)
+
+    @property
+    def stores_bytes(self) -> bool:
+        return self._arena is not None
+
+    def _slot(self, slot: int) -> np.ndarray:
+        off = slot * self.slot_bytes
+        return self._arena[off:off + self.block_bytes]
+
+    def view(self, slot: int) -> memoryview | None:
+        if self._arena is None:
+            return None
+        if not 0 <= slot < self.num_slots:
+            raise KVTierError(f"{self.name}: slot {slot} out of range [0, {self.num_slots})")
+        return memoryview(self._slot(slot))
+
+    def addresses(self, slots: Sequence[int]) -> np.ndarray | None:
+        if self._arena is None:
+            return None
+        return self._base + np.asarray(slots, dtype=np.uint64) * np.uint64(self.slot_bytes)
+
+    def write(self, keys, slots, srcs) -> list[bool]:
+        if self._arena is not None:
+            for slot, src in zip(slots, srcs):
+                _native.memcpy(self._slot(slot), src)
+        return [True] * len(slots)
+
+    def read(self, keys, slots, dsts) -> list[bool]:
+        if self._arena is not None:
+            for slot, dst in zip(slots, dsts):
+                _native.memcpy(dst, self._slot(slot))
+        return [True] * len(slots)
+
+    def stats(self) -> dict:
+        d = super().stats()
+        d.update(memory=self.memory, slot_bytes=self.slot_bytes,
+                 capacity_bytes=self.slot_bytes * self.num_slots)
+        return d
+
+    def close(self) -> None:
+        self._arena = None
+        self._tensor = None
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:   # a view is still exported; the GC unmaps it later
+                pass
+            self._mmap = None
