@@ -11,6 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "copy.h"
 #include "crc32c.h"
 #include "pool.h"
 #include "spans.h"
@@ -455,6 +456,15 @@ static PyObject *py_pool_workers(PyObject *self, PyObject *unused)
     return PyLong_FromLong(kv_pool_num_workers());
 }
 
+static PyObject *py_set_streaming(PyObject *self, PyObject *arg)
+{
+    int enabled = PyObject_IsTrue(arg);
+    if (enabled < 0)
+        return NULL;
+    kv_copy_set_streaming(enabled);
+    return PyBool_FromLong(kv_copy_streaming());
+}
+
 /* ---- module ---------------------------------------------------------------- */
 
 #define KW (PyCFunction)(void (*)(void))
@@ -475,6 +485,8 @@ static PyMethodDef methods[] = {
      "pwrite_spans(fds, offsets, addrs, lengths, threads=None) -> bytearray of int64"},
     {"_pool_workers", py_pool_workers, METH_NOARGS,
      "_pool_workers() -> number of worker threads started so far"},
+    {"_set_streaming", py_set_streaming, METH_O,
+     "_set_streaming(enabled) -> bool: use streaming stores for big copies (benchmarks)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -487,6 +499,7 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__kvtier_native(void)
 {
     kv_crc32c_init();
+    kv_copy_init();
     int cpus = kv_num_cpus();
     default_threads = cpus < DEFAULT_THREADS_CAP ? cpus : DEFAULT_THREADS_CAP;
     PyObject *m = PyModule_Create(&module);

@@ -6,6 +6,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "copy.h"
 #include "crc32c.h"
 #include "pool.h"
 
@@ -22,6 +23,7 @@ struct copy_job {
     const uint64_t *start; /* start[i]: virtual offset of span i; start[n] = total */
     size_t n;
     uint64_t chunk, total;
+    int streaming;
 };
 
 static size_t span_at(const struct copy_job *c, uint64_t pos)
@@ -49,8 +51,8 @@ static void copy_task(void *ctx, size_t task)
         if (take > end - pos)
             take = end - pos;
         if (take)
-            memcpy((char *)(uintptr_t)(c->dst[i] + off),
-                   (const char *)(uintptr_t)(c->src[i] + off), (size_t)take);
+            kv_copy((char *)(uintptr_t)(c->dst[i] + off),
+                    (const char *)(uintptr_t)(c->src[i] + off), (size_t)take, c->streaming);
         pos += take;
     }
 }
@@ -61,11 +63,12 @@ int kv_copy_spans(const uint64_t *src, const uint64_t *dst, const uint64_t *len,
     uint64_t total = 0;
     for (size_t i = 0; i < n; i++)
         total += len[i];
+    int streaming = total >= KV_STREAM_BYTES && kv_copy_streaming();
     if (threads <= 1 || total < KV_INLINE_BYTES) {
         for (size_t i = 0; i < n; i++)
             if (len[i])
-                memcpy((void *)(uintptr_t)dst[i], (const void *)(uintptr_t)src[i],
-                       (size_t)len[i]);
+                kv_copy((void *)(uintptr_t)dst[i], (const void *)(uintptr_t)src[i],
+                        (size_t)len[i], streaming);
         return 0;
     }
     uint64_t *start = malloc((n + 1) * sizeof(uint64_t));
@@ -79,7 +82,7 @@ int kv_copy_spans(const uint64_t *src, const uint64_t *dst, const uint64_t *len,
     chunk = (chunk + 4095) & ~(uint64_t)4095;
     if (chunk < MIN_CHUNK)
         chunk = MIN_CHUNK;
-    struct copy_job job = {src, dst, len, start, n, chunk, total};
+    struct copy_job job = {src, dst, len, start, n, chunk, total, streaming};
     kv_pool_run(copy_task, &job, (size_t)((total + chunk - 1) / chunk), threads);
     free(start);
     return 0;

@@ -106,6 +106,34 @@ def test_copy_spans_one_span_at_unaligned_addresses(ops, size, threads):
     np.testing.assert_array_equal(dst[5:5 + size], src[3:3 + size])
 
 
+@native_only
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_native_copies_with_and_without_streaming_stores(streaming, threads):
+    """Big batches bypass the cache with streaming stores where the CPU has them;
+    both that path and plain memcpy must move every byte and nothing more."""
+    from kvtier import _kvtier_native as ext
+    rng = np.random.default_rng(threads)
+    src = random_bytes(rng, 80 * 40_064 + 200)  # covers every span below, +7
+    try:
+        ext._set_streaming(streaming)
+        for head, tail in [(0, 0), (1, 3), (31, 127), (17, 4097)]:
+            n = src.size - 200 - tail
+            dst = poisoned(src.size)
+            ext.memcpy(dst[head:head + n], src[100:100 + n], threads=threads)
+            np.testing.assert_array_equal(dst[head:head + n], src[100:100 + n])
+            assert (dst[:head] == POISON).all() and (dst[head + n:] == POISON).all()
+        lengths, dst_off = random_layout(rng, 80, 40_000, 80 * 40_064 + 64)
+        dst = poisoned(80 * 40_064 + 64)
+        ext.copy_spans(dst_off + addr(src) + 7, dst_off + addr(dst), lengths, threads=threads)
+        expected = poisoned(dst.size)
+        for d, n in zip(dst_off.tolist(), lengths.tolist()):
+            expected[d:d + n] = src[d + 7:d + 7 + n]
+        np.testing.assert_array_equal(dst, expected)
+    finally:
+        ext._set_streaming(True)
+
+
 def test_copy_spans_gathers_32_spans_into_one_block(ops):
     """The host tier's shape: one block made of per-layer pages."""
     rng = np.random.default_rng(7)
