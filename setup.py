@@ -22,27 +22,39 @@ NATIVE_HEADERS = sorted(glob.glob(os.path.join("csrc", "*.h")))
 class OptionalBuildExt(build_ext):
     """Build the extension if possible; otherwise warn and install without it."""
 
-    def run(self):
-        try:
-            super().run()
-        except Exception as exc:  # compiler missing or broken: distutils raises many kinds
-            self._warn(exc)
+    def initialize_options(self):
+        super().initialize_options()
+        self.failed = set()
 
     def build_extension(self, ext):
         try:
             super().build_extension(ext)
-        except Exception as exc:
-            self._warn(exc)
+        except Exception as exc:  # compiler missing or broken: distutils raises many kinds
+            self.failed.add(ext.name)
+            sys.stderr.write(
+                f"WARNING: kvtier's native extension {ext.name} was not built "
+                f"({type(exc).__name__}: {exc}).\n"
+                "kvtier will run on its slower pure-Python reference ops. Install a C "
+                "compiler (gcc) and the Python headers, then run `pip install -e .` "
+                "again to build it.\n"
+            )
 
-    @staticmethod
-    def _warn(exc):
-        sys.stderr.write(
-            "WARNING: kvtier's native extension was not built "
-            f"({type(exc).__name__}: {exc}).\n"
-            "kvtier will use its slower pure-Python reference ops. Install a C "
-            "compiler (gcc) and the Python headers, then run `pip install -e .` "
-            "again to build it.\n"
-        )
+    def _built(self):
+        return [ext for ext in self.extensions if ext.name not in self.failed]
+
+    # Leave extensions that failed out of what gets copied and packaged.
+    def copy_extensions_to_source(self):
+        self.extensions = self._built()
+        super().copy_extensions_to_source()
+
+    def get_outputs(self):
+        return [self.get_ext_fullpath(ext.name) for ext in self._built()]
+
+    def get_output_mapping(self):
+        mapping = super().get_output_mapping()
+        missing = {os.path.abspath(self.get_ext_fullpath(name)) for name in self.failed}
+        return {dst: src for dst, src in mapping.items()
+                if os.path.abspath(src) not in missing}
 
 
 native = Extension(
