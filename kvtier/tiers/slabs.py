@@ -1,0 +1,274 @@
+"""Slab files: the disk tier's bytes, in large preallocated files cut into slots.
+
+A slot holds one block followed by a small header in its last page::
+
+    | block bytes ........................ | header | zero padding |
+    0                                  block_bytes           slot_bytes (a 4 KiB multiple)
+
+The header names what the slot holds (key, namespace salt, length, CRC32C of the
+block), so a read can prove the bytes belong to the key it asked for even when
+the index is stale.  Slot ``s`` lives in slab ``s // slots_per_slab`` at byte
+``(s % slots_per_slab) * slot_bytes``.  Slabs are created and preallocated
+(``posix_fallocate``) the first time one of their slots is written.
+
+I/O goes through :mod:`kvtier._native` in batches of spans (thread pool, GIL
+released).  O_DIRECT is probed when a slab is opened: ``auto`` falls back to
+buffered I/O and logs why once; ``on`` raises if the filesystem refuses it.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import _native
+from ..errors import ConfigError, TierIOError
+
+log = logging.getLogger(__name__)
+
+ALIGN = 4096
+FORMAT_VERSION = 1
+MAGIC = b"KVTB"
+# magic, version, flags, key, namespace salt, length, crc32c(block), sequence, crc32c(header so far)
+_HEADER = struct.Struct("<4sHH16s16sQIQ")
+HEADER_BYTES = _HEADER.size + 4
+SLAB_NAME = "slab-{:05d}.kvt"
+
+
+def round_up(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+def pack_header(key: bytes, salt: bytes, length: int, crc: int, seq: int) -> bytes:
+    body = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, key, salt, length, crc, seq)
+    return body + _native.crc32c(body).to_bytes(4, "little")
+
+
+@dataclass(frozen=True)
+class Header:
+    key: bytes
+    salt: bytes
+    length: int
+    crc: int
+    seq: int
+
+
+def unpack_header(raw: bytes | memoryview) -> Header | None:
+    """The header in ``raw``, or None when it is not a valid kvtier header."""
+    raw = bytes(raw[:HEADER_BYTES])
+    if len(raw) < HEADER_BYTES:
+        return None
+    body, check = raw[:_HEADER.size], int.from_bytes(raw[_HEADER.size:], "little")
+    if _native.crc32c(body) != check:
+        return None
+    magic, version, _flags, key, salt, length, crc, seq = _HEADER.unpack(body)
+    if magic != MAGIC or version != FORMAT_VERSION:
+        return None
+    return Header(key, salt, length, crc, seq)
+
+
+@dataclass(frozen=True)
+class SlotGeometry:
+    """Where slots sit in slab files, for one block size."""
+    block_bytes: int
+    slot_bytes: int
+    slots_per_slab: int
+    num_slots: int
+
+    @classmethod
+    def plan(cls, block_bytes: int, capacity_bytes: int, slab_bytes: int) -> "SlotGeometry":
+        slot = round_up(block_bytes + HEADER_BYTES)
+        n = capacity_bytes // slot
+        if n <= 0:
+            raise ConfigError("disk.capacity_bytes", capacity_bytes,
+                              f"room for at least one slot of {slot} bytes (block + header)")
+        per = max(1, slab_bytes // slot)
+        return cls(block_bytes, slot, min(per, n), n)
+
+    @property
+    def body_bytes(self) -> int:
+        """Leading block bytes that fill whole pages (written straight from the caller)."""
+        return self.block_bytes // ALIGN * ALIGN
+
+    @property
+    def tail_bytes(self) -> int:
+        """The last pages of a slot: the block's remainder, the header, padding."""
+        return self.slot_bytes - self.body_bytes
+
+    @property
+    def num_slabs(self) -> int:
+        return (self.num_slots + self.slots_per_slab - 1) // self.slots_per_slab
+
+    def slab_of(self, slot: int) -> int:
+        return slot // self.slots_per_slab
+
+    def offset_of(self, slot: int) -> int:
+        return slot % self.slots_per_slab * self.slot_bytes
+
+    def slab_size(self, slab: int) -> int:
+        first = slab * self.slots_per_slab
+        return min(self.slots_per_slab, self.num_slots - first) * self.slot_bytes
+
+    def slots_of(self, slab: int) -> range:
+        first = slab * self.slots_per_slab
+        return range(first, min(first + self.slots_per_slab, self.num_slots))
+
+
+def probe_direct(path: str) -> str | None:
+    """None when O_DIRECT aligned I/O works in directory ``path``, else the reason."""
+    if not hasattr(os, "O_DIRECT"):
+        return "this platform has no O_DIRECT"
+    probe = os.path.join(path, ".odirect-probe")
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    except OSError as e:
+        return f"the filesystem refuses O_DIRECT ({os.strerror(e.errno)})"
+    try:
+        buf = _native.alloc_aligned(ALIGN)
+        addr = np.array([buf.ctypes.data], dtype=np.uint64)
+        n = np.array([ALIGN], dtype=np.uint64)
+        got = _native.pwrite_spans(fd, np.zeros(1, dtype=np.int64), addr, n)
+        if got[0] != ALIGN:
+            return f"an aligned O_DIRECT write failed ({os.strerror(-int(got[0])) if got[0] < 0 else 'short'})"
+        got = _native.pread_spans(fd, np.zeros(1, dtype=np.int64), addr, n)
+        if got[0] != ALIGN:
+            return f"an aligned O_DIRECT read failed ({os.strerror(-int(got[0])) if got[0] < 0 else 'short'})"
+        return None
+    finally:
+        os.close(fd)
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
+
+
+class SlabFiles:
+    """The open slab files of one directory; slabs are created on first use.
+
+    ``ensure(slab)`` returns the slab's fd or None when the slab cannot exist
+    (no space, I/O error): the caller retires its slots.  Thread-safe.
+    """
+
+    def __init__(self, path: str, geometry: SlotGeometry, o_direct: str, readonly: bool = False):
+        self.path = path
+        self.geometry = geometry
+        self.readonly = readonly
+        self._fds: dict[int, int] = {}
+        self._failed: dict[int, str] = {}
+        self._lock = threading.Lock()
+        if readonly:
+            reason = "the directory is read-only"
+        else:
+            reason = probe_direct(path) if o_direct != "off" else "o_direct=off"
+        if reason is not None and o_direct == "on":
+            raise ConfigError("disk.o_direct", "on", f"a filesystem that supports O_DIRECT: {reason} in {path}")
+        self.direct = reason is None
+        self.direct_reason = reason
+        if reason is not None and o_direct == "auto":
+            log.warning("disk tier %s: buffered I/O, because %s", path, reason)
+
+    def file(self, slab: int) -> str:
+        return os.path.join(self.path, SLAB_NAME.format(slab))
+
+    def existing(self) -> dict[int, int]:
+        """Slab number -> current file size, for every slab file on disk."""
+        out = {}
+        for slab in range(self.geometry.num_slabs):
+            try:
+                out[slab] = os.stat(self.file(slab)).st_size
+            except FileNotFoundError:
+                continue
+        return out
+
+    def failed(self, slab: int) -> str | None:
+        return self._failed.get(slab)
+
+    def ensure(self, slab: int) -> int | None:
+        """The slab's fd, creating and preallocating the file if needed."""
+        fd = self._fds.get(slab)
+        if fd is not None:
+            return fd
+        with self._lock:
+            fd = self._fds.get(slab)
+            if fd is not None or slab in self._failed:
+                return fd
+            flags = os.O_RDONLY if self.readonly else os.O_RDWR | os.O_CREAT
+            flags |= os.O_DIRECT if self.direct else 0
+            size = self.geometry.slab_size(slab)
+            try:
+                fd = os.open(self.file(slab), flags, 0o644)
+            except OSError as e:
+                self._fail(slab, e)
+                return None
+            try:
+                if not self.readonly and os.fstat(fd).st_size < size:
+                    _preallocate(fd, size)
+            except OSError as e:
+                os.close(fd)
+                self._fail(slab, e)
+                return None
+            self._fds[slab] = fd
+            return fd
+
+    def _fail(self, slab: int, e: OSError) -> None:
+        self._failed[slab] = errno.errorcode.get(e.errno, str(e.errno))
+        log.warning("disk tier %s: slab %d unavailable: %s", self.path, slab, e.strerror or e)
+
+    def mark_failed(self, slab: int, why: str) -> None:
+        with self._lock:
+            self._failed.setdefault(slab, why)
+
+    def open_fd(self, slab: int) -> int | None:
+        """The fd of a slab already open (or openable without creating it)."""
+        fd = self._fds.get(slab)
+        if fd is not None:
+            return fd
+        if not os.path.exists(self.file(slab)):
+            return None
+        return self.ensure(slab)
+
+    def sync(self, slabs) -> list[int]:
+        """fdatasync the given slabs; returns those that failed."""
+        bad = []
+        for slab in slabs:
+            fd = self._fds.get(slab)
+            if fd is None:
+                continue
+            try:
+                os.fdatasync(fd)
+            except OSError as e:
+                log.warning("disk tier %s: fdatasync of slab %d failed: %s", self.path, slab, e.strerror)
+                bad.append(slab)
+        return bad
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._fds.clear()
+
+
+def _preallocate(fd: int, size: int) -> None:
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        os.ftruncate(fd, size)       # the filesystem cannot reserve space: a sparse file
+
+
+def address(view: memoryview) -> int:
+    """Start address of a contiguous buffer."""
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data
+
+
+def io_error(what: str, path: str, res: int) -> TierIOError:
+    return TierIOError(f"{what} {path}: {os.strerror(-res) if res < 0 else 'short transfer'}")
