@@ -72,6 +72,8 @@ class TieredCache:
         self._policies: list[EvictionPolicy | None] = [
             make_policy(p, t.num_slots) if t.num_slots is not None else None for p, t in zip(names, tiers)]
         self._index: list[dict[bytes, Entry]] = [dict() for _ in tiers]
+        # admission filters of lower tiers (e.g. TinyLFU on disk), fed with every use of a block
+        self._admission = [getattr(t, "admission", None) for t in tiers]
         self._lock = threading.RLock()
         stores_bytes = getattr(tiers[0], "stores_bytes", True)
         slots = max(1, staging_bytes // max(1, getattr(tiers[0], "slot_bytes", bb)))
@@ -166,6 +168,7 @@ class TieredCache:
         top, policy = self.tiers[0], self._policies[0]
         with self._lock:
             self._expire()
+            self._record_use(keys)
             seen: set[bytes] = set()
             todo = []
             for i, key in enumerate(keys):
@@ -210,7 +213,7 @@ class TieredCache:
             self._stats[f"{self.tiers[0].name}.bytes_in"] += n * self.block_bytes
             for t in range(1, len(self.tiers)):
                 if self.tiers[t].write_through:
-                    self._copy_down(0, t, [(k, index[k]) for k in handle.keys])
+                    self._copy_down(0, t, [(k, index[k]) for k in handle.keys], through=True)
             return True
 
     def _rollback_store(self, handle: StoreHandle) -> None:
@@ -277,6 +280,7 @@ class TieredCache:
                     jobs.append(job)
             n = len(entries)
             hkeys = list(keys[:n])
+            self._record_use(hkeys)
             slots = [e.slot for e in entries]
             views = [self.tiers[0].view(s) for s in slots] if self._bytes else None
             h = LoadHandle(owner, hkeys, slots, list(range(n)), self._deadline(), views,
@@ -444,15 +448,25 @@ class TieredCache:
             tier.discard([key], [e.slot])
             tier.free([e.slot])
 
-    def _copy_down(self, t: int, down: int, items: list[tuple[bytes, Entry]]) -> None:
-        """Copy blocks of tier t into staging and queue their write to tier ``down``."""
+    def _record_use(self, keys: Sequence[bytes]) -> None:
+        for f in self._admission:
+            if f is not None:
+                f.record(keys)
+
+    def _copy_down(self, t: int, down: int, items: list[tuple[bytes, Entry]], through: bool = False) -> None:
+        """Copy blocks of tier t into staging and queue their write to tier ``down``.
+
+        Demotions pass the lower tier's admission filter; write-through copies do not.
+        """
         lower, src = self.tiers[down], self.tiers[t]
         policy = self._policies[down]
+        admission = None if through else self._admission[down]
         batch = []
         for key, e in items:
             if key in self._inflight or any(key in self._index[d] for d in range(down, len(self.tiers))):
                 continue                           # already below (or on its way)
-            if policy is not None and not policy.admit(key, e.pos):
+            if (policy is not None and not policy.admit(key, e.pos)) or \
+                    (admission is not None and not admission.admit(key)):
                 self._stats[f"{lower.name}.not_admitted"] += 1
                 continue
             got = self._staging.allocate(1)
