@@ -98,6 +98,7 @@ class RemoteConfig:
     server_public_key: str = ""   # CURVE: path to the server's public key file
     client_secret_key: str = ""   # CURVE: path to this client's secret key file
     redis_cluster: bool = False
+    write_through: bool = False   # copy every store to the remote tier (not only evictions)
 
     def validate(self, p: str) -> None:
         _choice(f"{p}.backend", self.backend, ("zmq", "redis"))

@@ -1,0 +1,500 @@
+"""``kvtier serve``: the cache server that RemoteTier clients share over ZeroMQ.
+
+One ROUTER socket, one thread serving requests in arrival order (docs/protocol.md).
+Each namespace (a tenant) gets its own TieredCache — a HostTier sized by the
+namespace's byte quota, plus a DiskTier when ``--disk`` is given — so one
+tenant's blocks can neither be read nor evicted by another's: a full namespace
+evicts its own least recently used blocks.  A stored block is the client's
+bytes followed by an 8-byte trailer (CRC32C, magic), so the checksum the
+client computed travels with the block through every tier and back.
+
+Security: the server binds 127.0.0.1 unless told otherwise and refuses any
+other address without CURVE (``--curve-secret``; ``--gen-keys DIR`` makes key
+pairs).  With CURVE, a client's public key is its identity, mapped to the
+namespaces it may use by ``--tenant NAME:QUOTA:KEYFILE``; unknown keys fail the
+handshake.  Without CURVE (loopback only) a client declares its namespace, and
+when tenants are configured only those namespaces exist.
+
+Every request is validated by :mod:`kvtier.protocol`; a bad one gets an error
+reply and the server carries on.  SIGTERM/SIGINT stop it gracefully.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import struct
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from . import _native
+from . import protocol as P
+from .config import parse_size
+from .errors import ConfigError, KVTierError, MissingDependencyError
+from .metrics import Metrics, serve_http
+
+log = logging.getLogger("kvtier.server")
+
+TRAILER = struct.Struct("<II")          # crc32c of the block, magic
+MAGIC = 0x6B767431                       # "kvt1"
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    quota_bytes: int
+    public_keys: frozenset[str] = frozenset()     # z85 CURVE public keys
+
+
+def _zmq():
+    try:
+        import zmq
+    except ImportError as e:
+        raise MissingDependencyError("pyzmq", "remote", "kvtier serve") from e
+    return zmq
+
+
+def parse_tenant(spec: str, default_quota: int) -> Tenant:
+    """``NAME[:QUOTA[:PUBKEY_FILE[,PUBKEY_FILE...]]]``."""
+    parts = spec.split(":", 2)
+    name = parts[0]
+    if not name or len(name) > P.MAX_NAMESPACE_CHARS:
+        raise ConfigError("--tenant", spec, f"NAME[:QUOTA[:PUBLIC_KEY_FILE,...]] with a 1..{P.MAX_NAMESPACE_CHARS} char name")
+    quota = parse_size("--tenant quota", parts[1]) if len(parts) > 1 and parts[1] else default_quota
+    keys = set()
+    if len(parts) > 2 and parts[2]:
+        from zmq.auth import load_certificate
+        for path in parts[2].split(","):
+            try:
+                public, _ = load_certificate(path)
+            except (OSError, ValueError) as e:
+                raise ConfigError("--tenant key file", path, f"a readable CURVE public key file ({e})") from e
+            keys.add(public.decode("ascii"))
+    return Tenant(name, quota, frozenset(keys))
+
+
+def check_bind(endpoint: str, curve: bool) -> str:
+    """The host of a tcp:// endpoint; ConfigError for anything but loopback without CURVE."""
+    if not endpoint.startswith("tcp://") or ":" not in endpoint[6:]:
+        raise ConfigError("--bind", endpoint, "tcp://HOST:PORT")
+    host = endpoint[6:].rsplit(":", 1)[0]
+    if host != LOOPBACK and not curve:
+        raise ConfigError("--bind", endpoint, f"tcp://{LOOPBACK}:PORT unless CURVE is on (--curve-secret): "
+                                              "a server on another address must authenticate its clients")
+    return host
+
+
+class NamespaceStore:
+    """One namespace's blocks: a TieredCache whose blocks carry a checksum trailer."""
+
+    def __init__(self, name: str, block_bytes: int, quota_bytes: int, disk_dir: str | None,
+                 disk_bytes: int):
+        from .cache import TieredCache
+        from .config import DiskConfig, HostConfig, KVTierConfig
+        from .keys import Namespace
+        from .tiers.factory import build_tiers
+        self.name = name
+        self.block_bytes = block_bytes
+        self.stored_bytes = block_bytes + TRAILER.size
+        disk = None
+        if disk_dir:
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+            disk = DiskConfig(path=os.path.join(disk_dir, safe), capacity_bytes=disk_bytes)
+        cfg = KVTierConfig(host=HostConfig(capacity_bytes=quota_bytes, pinned="off"), disk=disk,
+                           staging_bytes=min(64 << 20, quota_bytes) if disk_dir else 0, transfer_threads=1)
+        ns = Namespace(model="kvtier-server", block_tokens=1, tenant=name)
+        try:
+            tiers, policies = build_tiers(cfg, ns, self.stored_bytes)
+        except ModuleNotFoundError as e:
+            raise ConfigError("--disk", disk_dir, f"a build of kvtier with a disk tier ({e})") from e
+        self.cache = TieredCache(tiers, policies, lease_timeout_s=60.0, staging_bytes=cfg.staging_bytes,
+                                 transfer_threads=1, namespace=ns)
+        self.capacity_bytes = tiers[0].num_slots * tiers[0].slot_bytes
+
+    def resident_blocks(self) -> int:
+        return self.cache.stats().get(f"{self.cache.tiers[0].name}.resident_blocks", 0)
+
+    def put(self, keys, crcs, payloads) -> tuple[list[bool], int]:
+        """Store blocks whose payload matches its CRC; (per-key stored, corrupt count)."""
+        stored = [False] * len(keys)
+        good, corrupt = [], 0
+        for i, (crc, buf) in enumerate(zip(crcs, payloads)):
+            if _native.crc32c(buf) == crc:
+                good.append(i)
+            else:
+                corrupt += 1
+        if not good:
+            return stored, corrupt
+        sub = [keys[i] for i in good]
+        h = self.cache.prepare_store(sub, owner="put")
+        taken = set(h.positions) if h is not None else set()
+        if h is not None:
+            bb = self.block_bytes
+            for view, j in zip(h.views, h.positions):
+                i = good[j]
+                _native.memcpy(view[:bb], payloads[i])
+                view[bb:] = TRAILER.pack(crcs[i], MAGIC)
+                stored[i] = True
+            self.cache.complete_store(h, True)
+        for j, i in enumerate(good):
+            if j not in taken and self.cache.lookup([sub[j]]).num_blocks:
+                stored[i] = True                     # already held (or a duplicate in this request)
+        return stored, corrupt
+
+    def get(self, key: bytes, wait_s: float):
+        """(crc, view, handle) of a stored block, or None; complete_load(handle) when sent."""
+        h = self.cache.prepare_load([key], owner="get")
+        if h is None:
+            return None
+        if not h.ready():
+            h.wait(wait_s)
+        if h.num_ok != 1:
+            self.cache.complete_load(h, success=False)
+            return None
+        view = h.views[0]
+        crc, magic = TRAILER.unpack(view[self.block_bytes:])
+        if magic != MAGIC:                          # never written whole: drop it
+            self.cache.complete_load(h, success=False)
+            self.delete([key])
+            return None
+        return crc, view[:self.block_bytes], h
+
+    def exists(self, keys) -> list[bool]:
+        return [self.cache.lookup([k]).num_blocks == 1 for k in keys]
+
+    def delete(self, keys) -> int:
+        # TieredCache has no public per-key removal; _drop is its own removal path
+        # (discard in the tier, free the slot once no lease holds it).
+        cache, n = self.cache, 0
+        with cache._lock:
+            for key in keys:
+                for t in range(len(cache.tiers)):
+                    e = cache._index[t].get(key)
+                    if e is not None and e.state == "ready":
+                        cache._drop(t, key)
+                        n += 1
+        return n
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+class Server:
+    """The request loop. ``run()`` serves until ``stop()`` (or a signal)."""
+
+    def __init__(self, bind: str, *, capacity_bytes: int, default_quota: int,
+                 tenants: dict[str, Tenant] | None = None, curve_secret: str | None = None,
+                 disk_dir: str | None = None, disk_bytes: int = 16 << 30,
+                 limits: P.Limits = P.Limits(), wait_s: float = 0.5):
+        zmq = _zmq()
+        self.zmq = zmq
+        check_bind(bind, curve_secret is not None)
+        self.tenants = dict(tenants or {})
+        self.capacity_bytes = capacity_bytes
+        self.default_quota = default_quota
+        self.disk_dir, self.disk_bytes = disk_dir, disk_bytes
+        self.limits, self.wait_s = limits, wait_s
+        self.stores: dict[str, NamespaceStore] = {}
+        self.metrics = Metrics("kvtier_server")
+        self._describe()
+        self._key_tenants: dict[str, set[str]] = {}
+        for t in self.tenants.values():
+            for key in t.public_keys:
+                self._key_tenants.setdefault(key, set()).add(t.name)
+        self.ctx = zmq.Context()
+        self.auth = None
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, max(limits.max_block_bytes, P.MAX_HEADER_BYTES))
+        self.curve = curve_secret is not None
+        if self.curve:
+            self._start_curve(curve_secret)
+        try:
+            self.sock.bind(bind)
+        except zmq.ZMQError as e:
+            self.close()
+            raise ConfigError("--bind", bind, f"an address this machine can listen on ({e})") from e
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._pending: deque = deque()          # (tracker, store, load handles) of zero-copy sends
+        self._leased: tuple = (None, ())        # the current get's (store, load handles)
+        self._running = False
+        self._started = time.monotonic()
+
+    def _start_curve(self, secret_file: str) -> None:
+        from zmq.auth import load_certificate
+        from zmq.auth.thread import ThreadAuthenticator
+        try:
+            public, secret = load_certificate(secret_file)
+        except (OSError, ValueError) as e:
+            raise ConfigError("--curve-secret", secret_file, f"a CURVE secret key file ({e})") from e
+        if not secret:
+            raise ConfigError("--curve-secret", secret_file, "a *.key_secret file holding a secret key")
+        if not self._key_tenants:
+            raise ConfigError("--tenant", "", "at least one NAME:QUOTA:PUBLIC_KEY_FILE when CURVE is on")
+        allowed = self._key_tenants
+
+        class Keys:
+            def callback(self, domain, key):
+                return key.decode("ascii") in allowed
+
+        self.auth = ThreadAuthenticator(self.ctx)
+        self.auth.start()
+        self.auth.configure_curve_callback(domain="*", credentials_provider=Keys())
+        self.sock.curve_secretkey = secret
+        self.sock.curve_publickey = public
+        self.sock.curve_server = True
+
+    def _describe(self) -> None:
+        m = self.metrics
+        m.describe("requests_total", "counter", "requests served, by op and outcome")
+        m.describe("errors_total", "counter", "error replies, by code")
+        m.describe("blocks_total", "counter", "blocks, by op and outcome")
+        m.describe("bytes_in_total", "counter", "payload bytes stored")
+        m.describe("bytes_out_total", "counter", "payload bytes sent")
+        m.describe("namespace_resident_blocks", "gauge", "blocks held in host memory, by namespace")
+        m.describe("namespace_capacity_bytes", "gauge", "host bytes reserved, by namespace")
+
+    # ---- namespaces, identities -----------------------------------------------------
+    def _allowed(self, frame, ns: str) -> bool:
+        if self.curve:
+            user = frame.get("User-Id")
+            return ns in self._key_tenants.get(user, ())
+        return not self.tenants or ns in self.tenants
+
+    def open_namespace(self, ns: str, block_bytes: int) -> NamespaceStore:
+        st = self.stores.get(ns)
+        if st is not None:
+            if st.block_bytes != block_bytes:
+                raise P.ProtocolError(P.E_BLOCK_SIZE, f"namespace {ns} holds blocks of {st.block_bytes} bytes")
+            return st
+        quota = self.tenants[ns].quota_bytes if ns in self.tenants else self.default_quota
+        used = sum(s.capacity_bytes for s in self.stores.values())
+        if used + quota > self.capacity_bytes:
+            raise P.ProtocolError(P.E_NO_ROOM, f"a namespace of {quota} bytes exceeds the server's capacity")
+        try:
+            st = NamespaceStore(ns, block_bytes, quota, self.disk_dir, self.disk_bytes)
+        except ConfigError as e:
+            raise P.ProtocolError(P.E_NO_ROOM, str(e)) from None
+        self.stores[ns] = st
+        self.metrics.set("namespace_capacity_bytes", st.capacity_bytes, ns=ns)
+        log.info("namespace %s: %d-byte blocks, %d bytes of host memory", ns, block_bytes, st.capacity_bytes)
+        return st
+
+    # ---- requests -------------------------------------------------------------------
+    def handle(self, frames) -> list:
+        """Reply frames (header first) for one request's frames (identity stripped)."""
+        try:
+            req = P.decode_request([f.buffer for f in frames], self.limits)
+            if not self._allowed(frames[0], req.ns):
+                raise P.ProtocolError(P.E_DENIED, f"this identity may not use namespace {req.ns}")
+            out = getattr(self, "_op_" + req.op)(req)
+            self.metrics.inc("requests_total", op=req.op, outcome="ok")
+            return out
+        except P.ProtocolError as e:
+            self.metrics.inc("errors_total", code=e.code)
+            return [P.encode_error(P.peek_id(frames[0].buffer) if frames else None, e.code, e.message)]
+        except Exception as e:  # the loop must outlive any one request
+            log.exception("request failed")
+            self.metrics.inc("errors_total", code=P.E_INTERNAL)
+            return [P.encode_error(None, P.E_INTERNAL, type(e).__name__)]
+
+    def _op_put(self, req: P.Request) -> list:
+        st = self.open_namespace(req.ns, req.block_bytes)
+        stored, corrupt = st.put(req.keys, req.crcs, req.payloads)
+        n = sum(stored)
+        self.metrics.inc("blocks_total", n, op="put", outcome="stored")
+        self.metrics.inc("blocks_total", len(stored) - n, op="put", outcome="rejected")
+        self.metrics.inc("blocks_total", corrupt, op="put", outcome="corrupt")
+        self.metrics.inc("bytes_in_total", n * req.block_bytes)
+        return [P.encode_reply(req.req_id, stored=stored)]
+
+    def _op_get(self, req: P.Request) -> list:
+        st = self.stores.get(req.ns)
+        if st is not None and st.block_bytes != req.block_bytes:
+            raise P.ProtocolError(P.E_BLOCK_SIZE, f"namespace {req.ns} holds blocks of {st.block_bytes} bytes")
+        found, crcs, payloads, handles = [], [], [], []
+        for key in req.keys:
+            got = st.get(key, self.wait_s) if st is not None else None
+            found.append(got is not None)
+            if got is not None:
+                crcs.append(got[0])
+                payloads.append(got[1])
+                handles.append(got[2])
+        self.metrics.inc("blocks_total", len(payloads), op="get", outcome="hit")
+        self.metrics.inc("blocks_total", len(found) - len(payloads), op="get", outcome="miss")
+        self.metrics.inc("bytes_out_total", len(payloads) * req.block_bytes)
+        self._leased = (st, handles)
+        return [P.encode_reply(req.req_id, found=found, crcs=crcs)] + payloads
+
+    def _op_exists(self, req: P.Request) -> list:
+        st = self.stores.get(req.ns)
+        found = st.exists(req.keys) if st is not None else [False] * len(req.keys)
+        return [P.encode_reply(req.req_id, found=found)]
+
+    def _op_delete(self, req: P.Request) -> list:
+        st = self.stores.get(req.ns)
+        n = st.delete(req.keys) if st is not None else 0
+        return [P.encode_reply(req.req_id, body={"deleted": n})]
+
+    def _op_health(self, req: P.Request) -> list:
+        return [P.encode_reply(req.req_id, body={"status": "ok", "version": P.VERSION,
+                                                 "uptime_s": round(time.monotonic() - self._started, 3)})]
+
+    def _op_stats(self, req: P.Request) -> list:
+        st = self.stores.get(req.ns)
+        body = {"namespace": req.ns, "block_bytes": st.block_bytes if st else None,
+                "capacity_bytes": st.capacity_bytes if st else 0,
+                "resident_blocks": st.resident_blocks() if st else 0}
+        return [P.encode_reply(req.req_id, body=body)]
+
+    # ---- loop -----------------------------------------------------------------------
+    def _send(self, ident, reply: list) -> None:
+        zmq = self.zmq
+        st, handles = self._leased
+        self._leased = (None, ())
+        try:
+            if handles:      # block bytes go out of the slots; leases held until zmq lets go
+                frames = [zmq.Frame(p, track=True) for p in reply[1:]]
+                self.sock.send_multipart([ident.bytes, reply[0], *frames], copy=False)
+                self._pending.append(([f.tracker for f in frames], st, handles))
+                return
+            self.sock.send_multipart([ident.bytes] + reply, copy=False)
+        except Exception as e:  # a reply that cannot go out is the client's timeout, not our crash
+            log.debug("reply not sent: %s", e)
+        for h in handles:
+            st.cache.complete_load(h)
+
+    def _reap(self, force: bool = False) -> None:
+        while self._pending and (force or all(t.done for t in self._pending[0][0])):
+            _, st, handles = self._pending.popleft()
+            for h in handles:
+                st.cache.complete_load(h)
+
+    def serve_once(self, timeout_ms: int = 100) -> int:
+        """Serve the requests waiting now (or that arrive within timeout_ms); returns how many."""
+        zmq = self.zmq
+        n = 0
+        if not self.sock.poll(timeout_ms, zmq.POLLIN):
+            self._reap()
+            return 0
+        while n < 256:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            n += 1
+            self._leased = (None, ())
+            if len(frames) < 2:
+                continue                       # no identity or no header: nothing to answer
+            self._send(frames[0], self.handle(frames[1:]))
+            self._reap()
+        self._reap()
+        return n
+
+    def run(self) -> None:
+        self._running = True
+        refreshed = 0.0
+        while self._running:
+            self.serve_once(100)
+            if time.monotonic() - refreshed > 1.0:      # gauges: at most once a second
+                refreshed = time.monotonic()
+                for ns, st in self.stores.items():
+                    self.metrics.set("namespace_resident_blocks", st.resident_blocks(), ns=ns)
+
+    def stop(self, *_args) -> None:
+        self._running = False
+
+    def close(self) -> None:
+        deadline = time.monotonic() + 2.0
+        while self._pending and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.01)
+        self._reap(force=True)
+        self.sock.close(linger=500)
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.term()
+        for st in self.stores.values():
+            st.close()
+        self.stores.clear()
+
+
+def gen_keys(directory: str, clients: list[str]) -> list[str]:
+    """CURVE key pairs: ``server`` and one per client name; returns the files made."""
+    _zmq()
+    from zmq.auth import create_certificates
+    os.makedirs(directory, exist_ok=True)
+    out = []
+    for name in ["server"] + clients:
+        out += list(create_certificates(directory, name))
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bind", default=f"tcp://{LOOPBACK}:5555",
+                   help=f"ZeroMQ endpoint (default tcp://{LOOPBACK}:5555; other hosts need --curve-secret)")
+    p.add_argument("--capacity", default="1GiB", help="host memory for all namespaces together")
+    p.add_argument("--quota", default="256MiB", help="host memory of a namespace not named by --tenant")
+    p.add_argument("--tenant", action="append", default=[], metavar="NAME[:QUOTA[:PUBKEY_FILE,...]]",
+                   help="a namespace, its byte quota and the CURVE public keys that may use it (repeatable)")
+    p.add_argument("--curve-secret", metavar="FILE", help="the server's CURVE secret key file (turns CURVE on)")
+    p.add_argument("--gen-keys", metavar="DIR", help="write CURVE key pairs for the server and --client names, then exit")
+    p.add_argument("--client", action="append", default=[], help="client name for --gen-keys (repeatable)")
+    p.add_argument("--block-bytes", default=None,
+                   help="create every --tenant namespace at start for blocks of this size (else on first put)")
+    p.add_argument("--disk", metavar="DIR", help="also keep each namespace's blocks on disk under DIR")
+    p.add_argument("--disk-capacity", default="16GiB", help="disk bytes per namespace")
+    p.add_argument("--max-request-bytes", default="256MiB", help="largest request accepted")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.gen_keys:
+        for path in gen_keys(args.gen_keys, args.client):
+            print(path)
+        return 0
+    quota = parse_size("--quota", args.quota)
+    tenants = {}
+    for spec in args.tenant:
+        t = parse_tenant(spec, quota)
+        tenants[t.name] = t
+    limits = P.Limits(max_request_bytes=parse_size("--max-request-bytes", args.max_request_bytes))
+    server = Server(args.bind, capacity_bytes=parse_size("--capacity", args.capacity), default_quota=quota,
+                    tenants=tenants, curve_secret=args.curve_secret, disk_dir=args.disk,
+                    disk_bytes=parse_size("--disk-capacity", args.disk_capacity), limits=limits)
+    if args.block_bytes is not None:
+        bb = parse_size("--block-bytes", args.block_bytes)
+        for name in tenants:
+            try:
+                server.open_namespace(name, bb)
+            except P.ProtocolError as e:
+                server.close()
+                raise ConfigError("--tenant", name, e.message) from None
+    httpd = serve_http(server.metrics, LOOPBACK, args.metrics_port) if args.metrics_port is not None else None
+    signal.signal(signal.SIGTERM, server.stop)
+    signal.signal(signal.SIGINT, server.stop)
+    print(f"kvtier serve: listening on {server.endpoint}" + (" (CURVE)" if server.curve else ""), flush=True)
+    try:
+        server.run()
+    finally:
+        if httpd is not None:
+            httpd.shutdown()
+        server.close()
+        log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m kvtier.server")
+    add_arguments(parser)
+    try:
+        sys.exit(main(parser.parse_args()))
+    except KVTierError as exc:
+        print(f"kvtier serve: error: {exc}", file=sys.stderr)
+        sys.exit(2)

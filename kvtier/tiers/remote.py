@@ -1,0 +1,370 @@
+"""RemoteTier: blocks kept by kvtier servers (``kvtier serve``), over ZeroMQ.
+
+Keys are sharded across the servers by rendezvous (highest-random-weight)
+hashing: each key ranks every server by ``blake2b(server || key)`` and lives on
+the top ``replication`` of them, so adding a server moves only about 1/N of
+the keys and removing one moves only its own.
+
+Each call sends one batched request per server at once (DEALER sockets, one
+per request in flight, taken from a per-server pool) and waits for all the
+replies up to ``timeout_ms``.  A request that times out, or whose reply does
+not validate, is a miss: its socket is closed and a fresh one made next time,
+so a late reply can never be taken for another request's; the server is then
+skipped for a short, growing back-off.  Bytes in flight, summed over all
+callers, stay under ``max_inflight_bytes``; a call that cannot get room within
+its timeout is a miss too.  Payloads are sent from the caller's memory
+without a copy, and every block carries the CRC32C computed here; a block
+that comes back with a different checksum is a miss, never returned.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import threading
+import time
+from collections import Counter, defaultdict
+from typing import Sequence
+
+from .. import _native
+from .. import protocol as P
+from ..errors import ConfigError, MissingDependencyError
+from .base import Tier
+
+log = logging.getLogger(__name__)
+
+BACKOFF_MIN_S = 0.05
+BACKOFF_MAX_S = 2.0
+
+
+def _zmq():
+    try:
+        import zmq
+    except ImportError as e:
+        raise MissingDependencyError("pyzmq", "remote", "the remote tier (backend zmq)") from e
+    return zmq
+
+
+def rank_servers(key: bytes, servers: Sequence[str]) -> list[int]:
+    """Server indices ordered by rendezvous weight for ``key`` (best first)."""
+    scores = [hashlib.blake2b(key, digest_size=8, key=s.encode()[:64]).digest() for s in servers]
+    return sorted(range(len(servers)), key=lambda i: scores[i], reverse=True)
+
+
+class _Budget:
+    """Bytes in flight over all callers, bounded; waits at most a deadline for room."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, n: int, deadline: float) -> bool:
+        n = min(n, self.limit)
+        with self._cond:
+            while self.used + n > self.limit:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= min(n, self.limit)
+            self._cond.notify_all()
+
+
+class _Request:
+    __slots__ = ("server", "op", "keys", "payloads", "crcs", "nbytes", "reply")
+
+    def __init__(self, server: int, op: str, keys, payloads=(), crcs=(), nbytes: int = 0):
+        self.server, self.op, self.keys = server, op, keys
+        self.payloads, self.crcs, self.nbytes = payloads, crcs, nbytes
+        self.reply: P.Reply | None = None
+
+
+class RemoteTier(Tier):
+    """Blocks on a set of kvtier servers; capacity is theirs to manage (num_slots None)."""
+
+    medium = "remote"
+
+    def __init__(self, name: str, block_bytes: int, servers: Sequence[str], *, namespace: str,
+                 timeout_ms: int = 500, replication: int = 1, max_inflight_bytes: int = 256 << 20,
+                 server_public_key: str = "", client_secret_key: str = "", write_through: bool = False):
+        super().__init__(name, block_bytes, None)
+        if not servers:
+            raise ConfigError(f"{name}.servers", servers, "a non-empty list of tcp://host:port")
+        if not 1 <= replication <= len(servers):
+            raise ConfigError(f"{name}.replication", replication, f"an int in [1, {len(servers)}]")
+        if block_bytes > P.Limits().max_block_bytes:
+            raise ConfigError(f"{name}.block_bytes", block_bytes, f"at most {P.Limits().max_block_bytes}")
+        zmq = _zmq()
+        self.zmq = zmq
+        self.servers = list(servers)
+        self.namespace = namespace
+        self.timeout_s = timeout_ms / 1000.0
+        self.replication = replication
+        self.write_through = write_through
+        self._budget = _Budget(max_inflight_bytes)
+        self._batch = max(1, min(P.MAX_KEYS, min(max_inflight_bytes, 64 << 20) // block_bytes))
+        self._curve = self._load_curve(server_public_key, client_secret_key)
+        self._ctx = zmq.Context()
+        self._idle: dict[int, list] = defaultdict(list)
+        self._down_until = [0.0] * len(self.servers)
+        self._backoff = [0.0] * len(self.servers)
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._stats: Counter = Counter()
+        self._closed = False
+
+    def _load_curve(self, server_public_key: str, client_secret_key: str):
+        if not server_public_key and not client_secret_key:
+            return None
+        if not (server_public_key and client_secret_key):
+            raise ConfigError(f"{self.name}.client_secret_key", client_secret_key,
+                              "both server_public_key and client_secret_key, or neither")
+        from zmq.auth import load_certificate
+        try:
+            server_pub, _ = load_certificate(server_public_key)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{self.name}.server_public_key", server_public_key, f"a CURVE key file ({e})") from e
+        try:
+            pub, secret = load_certificate(client_secret_key)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{self.name}.client_secret_key", client_secret_key, f"a CURVE key file ({e})") from e
+        if not secret:
+            raise ConfigError(f"{self.name}.client_secret_key", client_secret_key, "a *.key_secret file")
+        return server_pub, pub, secret
+
+    # ---- sockets --------------------------------------------------------------------
+    def _socket(self, server: int):
+        with self._lock:
+            if self._idle[server]:
+                return self._idle[server].pop()
+        zmq = self.zmq
+        s = self._ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RECONNECT_IVL, 50)
+        s.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        s.setsockopt(zmq.MAXMSGSIZE, self.block_bytes + P.MAX_HEADER_BYTES)
+        if self._curve is not None:
+            s.curve_serverkey, s.curve_publickey, s.curve_secretkey = self._curve
+        s.connect(self.servers[server])
+        return s
+
+    def _give_back(self, server: int, sock, healthy: bool) -> None:
+        if healthy and not self._closed:
+            with self._lock:
+                self._idle[server].append(sock)
+                self._backoff[server] = 0.0
+            return
+        sock.close(linger=0)
+        with self._lock:
+            b = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, self._backoff[server] * 2))
+            self._backoff[server] = b
+            self._down_until[server] = time.monotonic() + b
+
+    def _up(self, server: int) -> bool:
+        return time.monotonic() >= self._down_until[server]
+
+    # ---- one round of requests ------------------------------------------------------
+    def _exchange(self, reqs: list[_Request]) -> None:
+        """Send ``reqs`` (in waves that fit the byte budget) and fill in their replies."""
+        i = 0
+        while i < len(reqs):
+            wave, nbytes = [reqs[i]], reqs[i].nbytes
+            i += 1
+            while i < len(reqs) and nbytes + reqs[i].nbytes <= self._budget.limit:
+                wave.append(reqs[i])
+                nbytes += reqs[i].nbytes
+                i += 1
+            deadline = time.monotonic() + self.timeout_s
+            if not self._budget.acquire(nbytes, deadline):
+                self._stats["inflight_full"] += len(wave)
+                continue
+            try:
+                self._wave(wave, deadline)
+            finally:
+                self._budget.release(nbytes)
+
+    def _wave(self, wave: list[_Request], deadline: float) -> None:
+        zmq = self.zmq
+        live: dict = {}                       # socket -> (request, request id)
+        for r in wave:
+            if not self._up(r.server):
+                self._stats["skipped_down"] += 1
+                continue
+            rid = next(self._ids)
+            header = P.encode_request(r.op, rid, self.namespace, keys=r.keys,
+                                      block_bytes=self.block_bytes, crcs=r.crcs)
+            sock = self._socket(r.server)
+            try:
+                sock.send_multipart([header, *r.payloads], flags=zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError:
+                self._stats["send_failed"] += 1
+                self._give_back(r.server, sock, False)
+                continue
+            live[sock] = (r, rid)
+            self._stats["requests"] += 1
+        poller = zmq.Poller()
+        for sock in live:
+            poller.register(sock, zmq.POLLIN)
+        while live:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for sock, _ in poller.poll(int(left * 1000) + 1):
+                r, rid = live[sock]
+                frames = sock.recv_multipart(copy=False)
+                try:
+                    r.reply = P.decode_reply([f.buffer for f in frames], rid, r.op, len(r.keys),
+                                             self.block_bytes)
+                    healthy = True
+                except P.ProtocolError as e:
+                    if e.code == P.E_MALFORMED and P.peek_id(frames[0].buffer) not in (None, rid):
+                        continue                   # a late reply to an earlier request: keep waiting
+                    self._stats["bad_replies"] += 1
+                    log.debug("%s: bad reply from %s: %s", self.name, self.servers[r.server], e)
+                    healthy = False
+                if r.reply is not None and not r.reply.ok:
+                    self._stats[f"server_error.{r.reply.err}"] += 1
+                    log.debug("%s: %s says %s: %s", self.name, self.servers[r.server], r.reply.err, r.reply.msg)
+                poller.unregister(sock)
+                del live[sock]
+                self._give_back(r.server, sock, healthy)
+        for sock, (r, _) in live.items():          # no reply in time: a miss; this socket is done
+            self._stats["timeouts"] += 1
+            self._give_back(r.server, sock, False)
+
+    def _batches(self, by_server: dict[int, list[int]], op: str, keys, srcs=None, crcs=None) -> list:
+        reqs = []
+        for server, idx in by_server.items():
+            for j in range(0, len(idx), self._batch):
+                part = idx[j:j + self._batch]
+                r = _Request(server, op, [keys[i] for i in part],
+                             [srcs[i] for i in part] if srcs is not None else (),
+                             [crcs[i] for i in part] if crcs is not None else (),
+                             len(part) * self.block_bytes if op in ("get", "put") else 0)
+                reqs.append((r, part))
+        return reqs
+
+    # ---- Tier -----------------------------------------------------------------------
+    def write(self, keys, slots, srcs) -> list[bool]:
+        n = len(keys)
+        if n == 0:
+            return []
+        srcs = [memoryview(s).cast("B") for s in srcs]
+        crcs = [_native.crc32c(s) for s in srcs]
+        ranks = [rank_servers(k, self.servers)[:self.replication] for k in keys]
+        by_server: dict[int, list[int]] = defaultdict(list)
+        for i, owners in enumerate(ranks):
+            for s in owners:
+                by_server[s].append(i)
+        pairs = self._batches(by_server, "put", keys, srcs, crcs)
+        self._exchange([r for r, _ in pairs])
+        ok = [False] * n
+        for r, part in pairs:
+            if r.reply is not None and r.reply.ok:
+                for i, stored in zip(part, r.reply.stored):
+                    ok[i] = ok[i] or stored
+        self._stats["put_blocks"] += n
+        self._stats["put_stored"] += sum(ok)
+        return ok
+
+    def read(self, keys, slots, dsts) -> list[bool]:
+        ok = [False] * len(keys)
+        todo = list(range(len(keys)))
+        ranks = [rank_servers(k, self.servers)[:self.replication] for k in keys]
+        for rnd in range(self.replication):
+            if not todo:
+                break
+            by_server: dict[int, list[int]] = defaultdict(list)
+            for i in todo:
+                by_server[ranks[i][rnd]].append(i)
+            pairs = self._batches(by_server, "get", keys)
+            self._exchange([r for r, _ in pairs])
+            for r, part in pairs:
+                rep = r.reply
+                if rep is None or not rep.ok:
+                    continue
+                it = iter(zip(rep.crcs, rep.payloads))
+                for i, found in zip(part, rep.found):
+                    if not found:
+                        continue
+                    crc, payload = next(it)
+                    dst = dsts[i]
+                    _native.memcpy(dst, payload)
+                    if _native.crc32c(dst) == crc:
+                        ok[i] = True
+                    else:
+                        self._stats["corrupt_blocks"] += 1
+                        log.warning("%s: block from %s failed its checksum: dropped",
+                                    self.name, self.servers[r.server])
+            todo = [i for i in todo if not ok[i]]
+        self._stats["get_blocks"] += len(keys)
+        self._stats["get_hits"] += sum(ok)
+        return ok
+
+    def contains(self, keys) -> list[bool]:
+        have = [False] * len(keys)
+        todo = list(range(len(keys)))
+        ranks = [rank_servers(k, self.servers)[:self.replication] for k in keys]
+        for rnd in range(self.replication):
+            if not todo:
+                break
+            by_server: dict[int, list[int]] = defaultdict(list)
+            for i in todo:
+                by_server[ranks[i][rnd]].append(i)
+            pairs = self._batches(by_server, "exists", keys)
+            self._exchange([r for r, _ in pairs])
+            for r, part in pairs:
+                if r.reply is not None and r.reply.ok:
+                    for i, found in zip(part, r.reply.found):
+                        have[i] = have[i] or found
+            todo = [i for i in todo if not have[i]]
+        return have
+
+    def discard(self, keys, slots) -> None:
+        if not keys:
+            return
+        by_server: dict[int, list[int]] = defaultdict(list)
+        for i, k in enumerate(keys):
+            for s in rank_servers(k, self.servers)[:self.replication]:
+                by_server[s].append(i)
+        self._exchange([r for r, _ in self._batches(by_server, "delete", keys)])
+
+    def ping(self, op: str = "health") -> list[dict | None]:
+        """Each server's health (or stats) body, None where it did not answer."""
+        reqs = [_Request(s, op, []) for s in range(len(self.servers))]
+        self._exchange(reqs)
+        return [r.reply.body if r.reply is not None and r.reply.ok else None for r in reqs]
+
+    def stats(self) -> dict:
+        d = super().stats()
+        d.update(servers=len(self.servers), replication=self.replication, **dict(self._stats))
+        return d
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            socks = [s for lst in self._idle.values() for s in lst]
+            self._idle.clear()
+        for s in socks:
+            s.close(linger=0)
+        self._ctx.term()
+
+
+def make_remote_tier(cfg, namespace, block_bytes: int) -> Tier:
+    """The remote tier a :class:`~kvtier.config.RemoteConfig` describes."""
+    write_through = bool(getattr(cfg, "write_through", False))
+    if cfg.backend == "redis":
+        from .redis_backend import RedisTier
+        return RedisTier("remote", block_bytes, cfg.servers, namespace=namespace.tenant,
+                         timeout_ms=cfg.timeout_ms, cluster=cfg.redis_cluster,
+                         replication=cfg.replication, write_through=write_through)
+    return RemoteTier("remote", block_bytes, cfg.servers, namespace=namespace.tenant,
+                      timeout_ms=cfg.timeout_ms, replication=cfg.replication,
+                      max_inflight_bytes=cfg.max_inflight_bytes, server_public_key=cfg.server_public_key,
+                      client_secret_key=cfg.client_secret_key, write_through=write_through)
