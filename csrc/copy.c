@@ -12,7 +12,9 @@
 
 #define MIN_STREAM_PIECE 4096 /* shorter pieces are not worth the fence */
 
+#if defined(KV_COPY_X86)
 static int have_avx2;
+#endif
 static atomic_int streaming_on;
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 
