@@ -1,0 +1,165 @@
+"""Real server processes for the remote-tier tests: kvtier servers and redis-server.
+
+Every process started here is bounded (a start-up deadline) and killed by the
+fixture that started it; ports are free loopback ports picked by the kernel.
+"""
+from __future__ import annotations
+
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START_TIMEOUT_S = 30.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+class ServerProc:
+    """One ``python -m kvtier.server`` process; restartable on the same port."""
+
+    def __init__(self, args: list[str], host: str = "127.0.0.1", port: int | None = None):
+        self.host = host
+        self.port = port or free_port(host)
+        self.args = args
+        self.proc: subprocess.Popen | None = None
+        self.output = ""
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://{self.host}:{self.port}"
+
+    def start(self, expect_ok: bool = True) -> "ServerProc":
+        cmd = [sys.executable, "-m", "kvtier.server", "--bind", self.endpoint, *self.args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
+        if expect_ok:
+            line = self._read_line(START_TIMEOUT_S)
+            if "listening on" not in line:
+                self.kill()
+                raise RuntimeError(f"server did not start: {line}{self.output}")
+        return self
+
+    def _read_line(self, timeout: float) -> str:
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        try:
+            if not sel.select(timeout):
+                return ""
+            return self.proc.stdout.readline().decode(errors="replace")
+        finally:
+            sel.close()
+
+    def wait_exit(self, timeout: float = 20.0) -> int | None:
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self.output += self.proc.stdout.read().decode(errors="replace")
+        return rc
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def kvservers():
+    """Factory: ``kvservers(n, *args)`` starts n servers; all are killed at teardown."""
+    started: list[ServerProc] = []
+
+    def start(n: int = 1, *args: str, host: str = "127.0.0.1") -> list[ServerProc]:
+        out = []
+        for _ in range(n):
+            s = ServerProc(list(args), host=host)
+            started.append(s)
+            out.append(s.start())
+        return out
+
+    start.all = started
+    yield start
+    for s in started:
+        s.kill()
+
+
+class RedisProc:
+    def __init__(self, cluster: bool = False):
+        self.port = free_port()
+        self.dir = None
+        self.cluster = cluster
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self, tmp_dir: str) -> "RedisProc":
+        import redis
+        self.dir = tmp_dir
+        cmd = [shutil.which("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
+               "--save", "", "--appendonly", "no", "--dir", tmp_dir, "--protected-mode", "no"]
+        if self.cluster:
+            cmd += ["--cluster-enabled", "yes", "--cluster-config-file", os.path.join(tmp_dir, "nodes.conf")]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.kill()
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.05)
+        if self.cluster:           # one node owning every slot is a whole cluster
+            client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+            while client.execute_command("CLUSTER", "INFO").decode().find("cluster_state:ok") < 0:
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise RuntimeError("redis cluster did not come up")
+                time.sleep(0.05)
+        client.close()
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    r = RedisProc().start(str(tmp_path))
+    yield r
+    r.kill()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path):
+    r = RedisProc(cluster=True).start(str(tmp_path))
+    yield r
+    r.kill()
