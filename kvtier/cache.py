@@ -77,7 +77,9 @@ class TieredCache:
         self._lock = threading.RLock()
         stores_bytes = getattr(tiers[0], "stores_bytes", True)
         slots = max(1, staging_bytes // max(1, getattr(tiers[0], "slot_bytes", bb)))
-        self._staging = HostTier("staging", bb, slots if stores_bytes else 1 << 30,
+        if not stores_bytes:                     # no bytes to hold: as many as the top tier has
+            slots = max(slots, tiers[0].num_slots)
+        self._staging = HostTier("staging", bb, slots,
                                  memory="pageable" if stores_bytes else "none")
         self._bytes = stores_bytes
         self._inflight: dict[bytes, int] = {}          # key -> staging slot, while moving down
@@ -111,30 +113,36 @@ class TieredCache:
     def lookup(self, keys: Sequence[bytes]) -> Lookup:
         """The longest prefix of ``keys`` stored in any tier, and the tier of each block."""
         check_keys(keys)
-        where: list[str] = []
+        found: list[int] = []                    # tier index of each leading stored block
         with self._lock:
             self._expire()
+            indexes = self._index
             for key in keys:
-                t = self._find(key)
-                if t is None:
+                for t, index in enumerate(indexes):
+                    e = index.get(key)
+                    if e is not None and e.state is READY:
+                        found.append(t)
+                        break
+                else:
                     break
-                where.append(self.tiers[t].name)
-        rest = list(keys[len(where):])
+        rest = list(keys[len(found):])
         for t, tier in enumerate(self.tiers):      # shared tiers: asked outside the lock
             if not rest or tier.num_slots is not None:
                 continue
-            found = self._ask(tier, rest)
+            n = self._ask(tier, rest)
             with self._lock:
-                for key in rest[:found]:
+                for key in rest[:n]:
                     self._index[t].setdefault(key, Entry(0, READY, 0))
-            where += [tier.name] * found
-            rest = rest[found:]
+            found += [t] * n
+            rest = rest[n:]
+        names = [t.name for t in self.tiers]
+        where = [names[t] for t in found]
         with self._lock:
             self._stats["lookups"] += 1
             self._stats["lookup_blocks"] += len(keys)
-            for name in where:
-                self._stats[f"{name}.hit_blocks"] += 1
-            self._stats["miss_blocks"] += len(keys) - len(where)
+            for t, count in Counter(found).items():
+                self._stats[f"{names[t]}.hit_blocks"] += count
+            self._stats["miss_blocks"] += len(keys) - len(found)
         return Lookup(len(where), tuple(where))
 
     def _find(self, key: bytes) -> int | None:

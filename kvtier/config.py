@@ -201,7 +201,10 @@ class KVTierConfig:
             else:
                 raise ConfigError(var, raw, "a known setting: KVTIER_<SECTION>_<FIELD> with section in "
                                   + ", ".join(_SECTIONS) + " or one of " + ", ".join(sorted(top)))
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:            # name the variable the user actually set
+            raise ConfigError(prefix + e.key.replace(".", "_").upper(), e.value, e.allowed) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

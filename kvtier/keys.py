@@ -59,6 +59,10 @@ class Namespace:
 
 def check_keys(keys: Sequence[bytes], what: str = "keys") -> None:
     """Raise ConfigError unless every key is ``KEY_BYTES`` bytes."""
+    if isinstance(keys, (bytes, str)):
+        raise ConfigError(what, type(keys).__name__, f"a sequence of {KEY_BYTES}-byte keys")
+    if set(map(type, keys)) <= {bytes} and set(map(len, keys)) <= {KEY_BYTES}:
+        return                              # fast path: checked at C speed
     for i, k in enumerate(keys):
         if type(k) is not bytes or len(k) != KEY_BYTES:
             raise ConfigError(f"{what}[{i}]", k if len(repr(k)) < 80 else type(k).__name__,

@@ -30,11 +30,11 @@ class PagedKVCache:
     """Store and load whole blocks between engine tensors and a TieredCache."""
 
     def __init__(self, cache: TieredCache, layout: BlockLayout, namespace: Namespace):
+        if namespace.dtype not in ("auto", "") and str(layout.tensors[0].dtype).replace("torch.", "") != namespace.dtype:
+            raise ConfigError("kv_caches.dtype", str(layout.tensors[0].dtype), f"{namespace.dtype}, the namespace's dtype")
         if layout.block_bytes != cache.block_bytes:
             raise ConfigError("kv_caches", f"{layout.block_bytes} bytes per block",
                               f"{cache.block_bytes} bytes per block, as the cache was built for")
-        if namespace.dtype not in ("auto", "") and str(layout.tensors[0].dtype).replace("torch.", "") != namespace.dtype:
-            raise ConfigError("kv_caches.dtype", str(layout.tensors[0].dtype), f"{namespace.dtype}, the namespace's dtype")
         self.cache = cache
         self.layout = layout
         self.namespace = namespace

@@ -64,7 +64,9 @@ class HostTier(Tier):
             self._arena = self._tensor.numpy()
         else:
             try:
-                self._mmap = mmap.mmap(-1, nbytes)       # anonymous: page-aligned, zero-filled lazily
+                # anonymous, page-aligned; populated now so no store pays for page faults
+                flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+                self._mmap = mmap.mmap(-1, nbytes, flags=flags)
             except (OSError, OverflowError) as e:
                 raise ConfigError(f"{name}.capacity_bytes", nbytes,
                                   f"an amount of memory this machine can map ({e})") from e

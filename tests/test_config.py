@@ -1,0 +1,68 @@
+"""Config loads from dict, YAML and environment; every bad value names its key."""
+from __future__ import annotations
+
+import pytest
+
+from kvtier import ConfigError, KVTierConfig
+
+
+def test_defaults_and_sizes():
+    c = KVTierConfig.from_dict({"host": {"capacity_bytes": "512MiB", "policy": "s3fifo"}})
+    assert c.host.capacity_bytes == 512 << 20 and c.host.policy == "s3fifo"
+    assert c.disk is None and c.remote is None
+    assert KVTierConfig.from_dict({"host": {"capacity_bytes": "1.5GB"}}).host.capacity_bytes == 1_500_000_000
+
+
+def test_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("host:\n  capacity_bytes: 2GiB\ndisk:\n  path: /tmp/x\n  capacity_bytes: 10GiB\nlease_timeout_s: 5\n")
+    c = KVTierConfig.from_yaml(p)
+    assert c.disk.path == "/tmp/x" and c.disk.capacity_bytes == 10 << 30 and c.lease_timeout_s == 5
+
+
+def test_env():
+    env = {"KVTIER_HOST_CAPACITY_BYTES": "64MiB", "KVTIER_DISK_PATH": "/nvme/kv", "KVTIER_LEASE_TIMEOUT_S": "2.5",
+           "KVTIER_REMOTE_SERVERS": "tcp://127.0.0.1:1,tcp://127.0.0.1:2", "KVTIER_REMOTE_REPLICATION": "2",
+           "KVTIER_NATIVE": "auto", "HOME": "/root"}
+    c = KVTierConfig.from_env(env)
+    assert c.host.capacity_bytes == 64 << 20 and c.disk.path == "/nvme/kv"
+    assert c.remote.servers == ("tcp://127.0.0.1:1", "tcp://127.0.0.1:2") and c.remote.replication == 2
+    assert c.lease_timeout_s == 2.5
+
+
+@pytest.mark.parametrize("data,key", [
+    ({"host": {"capacity_bytes": 0}}, "host.capacity_bytes"),
+    ({"host": {"capacity_bytes": -5}}, "host.capacity_bytes"),
+    ({"host": {"capacity_bytes": "lots"}}, "host.capacity_bytes"),
+    ({"host": {"policy": "mru"}}, "host.policy"),
+    ({"host": {"pinned": "maybe"}}, "host.pinned"),
+    ({"host": {"capacity": 5}}, "host.capacity"),
+    ({"hots": {}}, "hots"),
+    ({"lease_timeout_s": 0}, "lease_timeout_s"),
+    ({"lease_timeout_s": "soon"}, "lease_timeout_s"),
+    ({"disk": {"capacity_bytes": 5}}, "disk.path"),
+    ({"disk": {"path": "/x", "durability": "yolo"}}, "disk.durability"),
+    ({"remote": {"servers": []}}, "remote.servers"),
+    ({"remote": {"servers": ["tcp://a:1"], "replication": 2}}, "remote.replication"),
+    ({"gpu": {"mechanism": "magic"}}, "gpu.mechanism"),
+    ({"host": 5}, "host"),
+    ([1, 2], "config"),
+])
+def test_bad_values_name_the_key(data, key):
+    with pytest.raises(ConfigError) as e:
+        KVTierConfig.from_dict(data)
+    assert e.value.key == key
+    assert key in str(e.value)
+
+
+def test_bad_env_and_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="KVTIER_HOST_CAPACITY_BYTES"):
+        KVTierConfig.from_env({"KVTIER_HOST_CAPACITY_BYTES": "big"})
+    with pytest.raises(ConfigError, match="KVTIER_FROB"):
+        KVTierConfig.from_env({"KVTIER_FROB": "1"})
+    p = tmp_path / "bad.yaml"
+    p.write_text("host: [unclosed\n")
+    with pytest.raises(ConfigError, match="YAML"):
+        KVTierConfig.from_yaml(p)
+    with pytest.raises(ConfigError, match="readable"):
+        KVTierConfig.from_yaml(tmp_path / "missing.yaml")
