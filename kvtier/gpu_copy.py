@@ -1,0 +1,260 @@
+"""KVCopier: engine KV pages <-> tier slots, by whichever mechanism is cheapest.
+
+One copier serves one engine's KV tensors (a :class:`~kvtier.layout.BlockLayout`)
+and one kind of buffer (host slots, or device slots of a GPU pool):
+
+    copier = KVCopier(layout, mechanism="auto")
+    t = copier.store(block_ids, slot_addrs)    # engine pages -> slots; a Transfer
+    t = copier.load(block_ids, slot_addrs)     # slots -> engine pages
+    t.done() / t.wait()                        # poll, never blocks the caller's loop
+
+    lw = copier.load_layers(block_ids, slot_addrs)   # one transfer per layer
+    lw.wait_for_layer(i)          # the compute stream waits for layer i only
+    copier.save_layer(i, block_ids, slot_addrs)      # store one layer's pages
+
+Every copy is reduced to coalesced (source, destination, bytes) spans and
+submitted through a mechanism:
+
+    native   host memcpy on kvtier's thread pool (CPU tensors)
+    torch    the pure-torch reference (kvtier.gpu_ref); any device, any buffer
+    dma      the GPU copy engines: cudaMemcpyBatchAsync, or cudaMemcpyAsync per span
+    kernel   one gather/scatter kernel launch per batch (csrc/kv_copy.cu)
+
+``auto`` picks per transfer by measured cost (:class:`CostModel`); an explicit
+mechanism that cannot run here fails loudly at construction.  On CUDA, copies
+run on dedicated streams ordered after the engine's compute stream with events:
+a store sees every write the compute stream issued before it, and a load's
+completion event is what the compute stream waits on.  On CPU everything is
+synchronous: a transfer is done when ``store``/``load`` return.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+import numpy as np
+
+from . import _native, gpu_ref
+from .errors import ConfigError
+from .gpu_cost import CostModel
+from .layout import BlockLayout, Spans
+
+log = logging.getLogger(__name__)
+
+MECHANISMS = ("auto", "native", "torch", "dma", "kernel")
+CPU_MECHANISMS = ("native", "torch")
+CUDA_MECHANISMS = ("dma", "kernel", "torch")
+
+
+class Transfer:
+    """One submitted copy: completes exactly once, polled with ``done()``.
+
+    ``ok`` is None while running, then True or False (``error`` says why).
+    ``seconds`` is the measured copy time once done (device time on CUDA).
+    """
+
+    def __init__(self, mechanism: str, nbytes: int, num_spans: int):
+        self.mechanism = mechanism
+        self.nbytes = nbytes
+        self.num_spans = num_spans
+        self.ok: bool | None = None
+        self.error: str | None = None
+        self.seconds: float | None = None
+        self._on_done = None
+
+    def done(self) -> bool:
+        return self.ok is not None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.done()
+
+    def wait_on_stream(self, stream=None) -> None:
+        """Make ``stream`` (default: the compute stream) wait for this copy; no-op on CPU."""
+
+    def _finish(self, ok: bool, seconds: float | None = None, error: str | None = None) -> None:
+        if self.ok is not None:
+            return
+        self.seconds, self.error, self.ok = seconds, error, ok
+        if not ok:
+            log.warning("kv copy (%s, %d bytes) failed: %s", self.mechanism, self.nbytes, error)
+        cb, self._on_done = self._on_done, None
+        if cb is not None:
+            cb(self)
+
+
+class LayerwiseLoad:
+    """Per-layer loads of one batch: layer i completes independently of the others."""
+
+    def __init__(self, transfers: Sequence[Transfer]):
+        self.layers = list(transfers)
+
+    def layer_done(self, layer: int) -> bool:
+        return self.layers[layer].done()
+
+    def wait_for_layer(self, layer: int, stream=None) -> bool:
+        """Order the compute stream after layer ``layer``'s copy (CPU: already done).
+
+        Returns False if that layer's copy failed: the engine must recompute.
+        """
+        t = self.layers[layer]
+        if t.ok is False:
+            return False
+        t.wait_on_stream(stream)
+        return t.ok is not False
+
+    def done(self) -> bool:
+        return all(t.done() for t in self.layers)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self.layers:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not t.wait(left):
+                return False
+        return True
+
+    @property
+    def ok(self) -> bool | None:
+        if any(t.ok is False for t in self.layers):
+            return False
+        return True if all(t.ok for t in self.layers) else None
+
+
+class KVCopier:
+    """Copies between an engine's KV pages and slot buffers; see the module docstring."""
+
+    def __init__(self, layout: BlockLayout, mechanism: str = "auto", *, buffer_device="cpu",
+                 compute_stream=None, candidates: Sequence[str] | None = None,
+                 cost_model: CostModel | None = None):
+        if mechanism not in MECHANISMS:
+            raise ConfigError("mechanism", mechanism, "one of " + ", ".join(MECHANISMS))
+        self.layout = layout
+        self.device = layout.device
+        self.buffer_device = str(buffer_device)
+        on_cuda = self.device.type == "cuda"
+        if self.device.type not in ("cpu", "cuda"):
+            raise ConfigError("kv_caches.device", str(self.device), "cpu or cuda tensors")
+        usable = self._usable(on_cuda)
+        if mechanism != "auto" and mechanism not in usable:
+            raise ConfigError("mechanism", mechanism,
+                              f"one that runs on {self.device.type} tensors here: " + ", ".join(usable))
+        if candidates is None:
+            candidates = [m for m in (("dma", "kernel") if on_cuda else ("native",)) if m in usable] \
+                or ["torch"]
+        bad = [m for m in candidates if m not in usable]
+        if bad:
+            raise ConfigError("candidates", bad, "mechanisms that run here: " + ", ".join(usable))
+        self.mechanism = mechanism
+        self.candidates = tuple(candidates)
+        self.cost = cost_model or CostModel(self.candidates)
+        self._cuda = None
+        if on_cuda and any(m in ("dma", "kernel") for m in (mechanism, *self.candidates)):
+            from . import _cuda
+            self._cuda = _cuda.device_copier(self.device.index if self.device.index is not None else 0)
+        self.compute_stream = compute_stream
+        # per-layer layouts for layer-wise transfers: layer l's bytes sit at page offset l
+        self._layers: list[BlockLayout] | None = None
+        self._layer_offsets = np.concatenate(([0], np.cumsum(layout.page_bytes)[:-1])).astype(np.uint64)
+
+    def _usable(self, on_cuda: bool) -> tuple[str, ...]:
+        if not on_cuda:
+            return CPU_MECHANISMS
+        from . import _cuda
+        return CUDA_MECHANISMS if _cuda.available() else ("torch",)
+
+    # ---- whole blocks ------------------------------------------------------------------
+    def store(self, block_ids, slot_addrs, mechanism: str | None = None) -> Transfer:
+        """Engine pages of ``block_ids`` -> the block buffers at ``slot_addrs``."""
+        return self._submit(self.layout, block_ids, slot_addrs, False, mechanism)
+
+    def load(self, block_ids, slot_addrs, mechanism: str | None = None) -> Transfer:
+        """The block buffers at ``slot_addrs`` -> engine pages of ``block_ids``."""
+        return self._submit(self.layout, block_ids, slot_addrs, True, mechanism)
+
+    # ---- layer-wise --------------------------------------------------------------------
+    def _layer_layout(self, layer: int) -> BlockLayout:
+        if not 0 <= layer < self.layout.num_layers:
+            raise ConfigError("layer", layer, f"a layer index in [0, {self.layout.num_layers})")
+        if self._layers is None:
+            self._layers = [BlockLayout([t], self.layout.block_dim) for t in self.layout.tensors]
+        return self._layers[layer]
+
+    def save_layer(self, layer: int, block_ids, slot_addrs, mechanism: str | None = None) -> Transfer:
+        """Store one layer's pages into its part of each block buffer."""
+        addrs = np.asarray(slot_addrs, dtype=np.uint64) + self._layer_offsets[layer]
+        return self._submit(self._layer_layout(layer), block_ids, addrs, False, mechanism)
+
+    def load_layer(self, layer: int, block_ids, slot_addrs, mechanism: str | None = None) -> Transfer:
+        addrs = np.asarray(slot_addrs, dtype=np.uint64) + self._layer_offsets[layer]
+        return self._submit(self._layer_layout(layer), block_ids, addrs, True, mechanism)
+
+    def load_layers(self, block_ids, slot_addrs, mechanism: str | None = None) -> LayerwiseLoad:
+        """Submit one load per layer, in layer order, each with its own completion."""
+        ids = self.layout.check_block_ids(block_ids)
+        return LayerwiseLoad([self.load_layer(l, ids, slot_addrs, mechanism)
+                              for l in range(self.layout.num_layers)])
+
+    # ---- submission --------------------------------------------------------------------
+    def _submit(self, layout: BlockLayout, block_ids, slot_addrs, to_engine: bool,
+                mechanism: str | None) -> Transfer:
+        mech = mechanism or self.mechanism
+        if mech not in MECHANISMS:
+            raise ConfigError("mechanism", mech, "one of " + ", ".join(MECHANISMS))
+        ids = layout.check_block_ids(block_ids)
+        addrs = np.asarray(slot_addrs, dtype=np.uint64)
+        if addrs.shape != ids.shape:
+            raise ConfigError("slot_addrs", addrs.size, f"one buffer per block ({ids.size})")
+        spans = layout.spans(ids, addrs, to_engine=to_engine)
+        direction = "load" if to_engine else "store"
+        key = None
+        if mech == "auto":
+            key = self.cost.bucket(direction, spans.nbytes, len(spans))
+            mech = self.cost.choose(key)
+            if mech == "kernel" and not self._cuda.kernel_can_reach(spans):
+                mech = "dma" if "dma" in self.candidates else "torch"
+        if mech in ("dma", "kernel") and self._cuda is None:
+            from . import _cuda
+            self._cuda = _cuda.device_copier(self.device.index or 0)
+        t = self._run(mech, layout, ids, addrs, spans, to_engine, direction)
+        if key is not None:
+            t._on_done = lambda tr, key=key: (tr.ok and tr.seconds is not None and
+                                              self.cost.record(key, tr.mechanism, tr.nbytes, tr.seconds))
+            if t.done():
+                cb, t._on_done = t._on_done, None
+                cb(t)
+        return t
+
+    def _run(self, mech: str, layout: BlockLayout, ids: np.ndarray, addrs: np.ndarray, spans: Spans,
+             to_engine: bool, direction: str) -> Transfer:
+        if mech in ("dma", "kernel"):
+            return self._cuda.submit(spans, mech, direction, after=self._after_stream())
+        t = Transfer(mech, spans.nbytes, len(spans))
+        t0 = time.perf_counter()
+        try:
+            if mech == "native":
+                if self.buffer_device != "cpu":
+                    raise ConfigError("mechanism", "native", "host buffers (buffer_device='cpu')")
+                _native.copy_spans(spans.src, spans.dst, spans.lengths)
+            elif to_engine:
+                gpu_ref.load(layout, ids, addrs, self.buffer_device)
+            else:
+                gpu_ref.store(layout, ids, addrs, self.buffer_device)
+        except ConfigError:
+            raise
+        except Exception as e:  # the one boundary where copy failures become failed transfers
+            t._finish(False, error=f"{type(e).__name__}: {e}")
+            return t
+        t._finish(True, seconds=time.perf_counter() - t0)
+        return t
+
+    def _after_stream(self) -> int | None:
+        """Raw handle of the stream copies are ordered after (the engine's compute stream)."""
+        s = self.compute_stream
+        if s is None:
+            import torch
+            return torch.cuda.current_stream(self.device).cuda_stream
+        return s if isinstance(s, int) else s.cuda_stream
+
+    def stats(self) -> dict:
+        return {"mechanism": self.mechanism, "candidates": self.candidates, "choices": self.cost.summary()}
