@@ -334,6 +334,7 @@ class DiskTier(Tier):
                 pack_header(key, self.salt, self.block_bytes, int(crcs[i]), seqs[i]), dtype=np.uint8)
             plan.add(i, slab, fd, off + body, t.ctypes.data, tail)
         if not plan:
+            self._counts["write_failures"] += n
             return ok
         res = _native.pwrite_spans(*plan.arrays(), self.io_threads)
         good = self._outcome(plan, res, "write")

@@ -217,7 +217,7 @@ class SlabFiles:
 
     def _fail(self, slab: int, e: OSError) -> None:
         self._failed[slab] = errno.errorcode.get(e.errno, str(e.errno))
-        log.warning("disk tier %s: slab %d unavailable: %s", self.path, slab, e.strerror or e)
+        log.debug("disk tier %s: slab %d unavailable: %s", self.path, slab, e.strerror or e)
 
     def mark_failed(self, slab: int, why: str) -> None:
         with self._lock:
