@@ -159,31 +159,48 @@ def alloc_aligned(nbytes: int, alignment: int = 4096) -> np.ndarray:
 
 # ---- CRC32C -------------------------------------------------------------
 
-def _byte_table() -> np.ndarray:
-    table = []
+def _byte_tables() -> list[np.ndarray]:
+    """Slice-by-4 tables: tables[k][b] is the register after byte b and k zero bytes."""
+    first = []
     for b in range(256):
         c = b
         for _ in range(8):
             c = (c >> 1) ^ _POLY if c & 1 else c >> 1
-        table.append(c)
-    return np.array(table, dtype=np.uint32)
+        first.append(c)
+    tables = [np.array(first, dtype=np.uint32)]
+    for _ in range(3):
+        tables.append((tables[-1] >> 8) ^ tables[0][tables[-1] & 0xFF])
+    return tables
 
 
-_TABLE = _byte_table()
-_TABLE_LIST = _TABLE.tolist()
+_TABLES = _byte_tables()
+_TABLE_LIST = _TABLES[0].tolist()
+_LANE = 256  # bytes per lane in the vectorised update
+_BITS = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(bool)
 
 
-@functools.lru_cache(maxsize=16)
-def _shift_tables(nbytes: int) -> tuple[list[int], ...]:
-    """Four byte tables of the linear map: register -> register after nbytes zeros."""
-    basis = np.array([1 << bit for bit in range(32)], dtype=np.uint32)
-    for _ in range(nbytes):
-        basis = _TABLE[basis & 0xFF] ^ (basis >> 8)
-    bits = (np.arange(256)[:, None] >> np.arange(8)) & 1
-    return tuple(
-        np.bitwise_xor.reduce(np.where(bits, basis[8 * k:8 * k + 8], 0).astype(np.uint32),
-                              axis=1).tolist()
-        for k in range(4))
+def _tables_from_basis(basis: np.ndarray) -> np.ndarray:
+    """4 x 256 lookup tables of the linear map that sends bit i to basis[i]."""
+    return np.stack([np.bitwise_xor.reduce(np.where(_BITS, basis[8 * k:8 * k + 8], 0), axis=1)
+                     for k in range(4)]).astype(np.uint32)
+
+
+def _apply(tables: np.ndarray, regs: np.ndarray) -> np.ndarray:
+    return (tables[0][regs & 0xFF] ^ tables[1][(regs >> 8) & 0xFF]
+            ^ tables[2][(regs >> 16) & 0xFF] ^ tables[3][regs >> 24])
+
+
+@functools.lru_cache(maxsize=None)
+def _shift(level: int) -> np.ndarray:
+    """Tables of the map: register -> register after _LANE * 2**level zero bytes."""
+    if level == 0:
+        basis = np.array([1 << bit for bit in range(32)], dtype=np.uint32)
+        for _ in range(_LANE):
+            basis = _TABLES[0][basis & 0xFF] ^ (basis >> 8)
+    else:
+        half = _shift(level - 1)
+        basis = _apply(half, _apply(half, np.array([1 << b for b in range(32)], dtype=np.uint32)))
+    return _tables_from_basis(basis)
 
 
 def _update_bytes(reg: int, data: bytes) -> int:
@@ -193,25 +210,31 @@ def _update_bytes(reg: int, data: bytes) -> int:
     return reg
 
 
-def _update(reg: int, data: np.ndarray) -> int:
-    """Raw register update. Long inputs are cut into equal lanes that numpy
-    checksums side by side; the lanes are then joined with shift tables."""
-    n = data.size
-    if n < 4096:
-        return _update_bytes(reg, data.tobytes())
-    lane = 1 << max(6, min(14, round(np.log2(np.sqrt(n)))))
-    lanes = n // lane
-    columns = np.ascontiguousarray(data[:lanes * lane].reshape(lanes, lane).T)
+def _update_lanes(reg: int, data: np.ndarray, lanes: int) -> int:
+    """Checksum `lanes` (a power of two) lanes of _LANE bytes side by side, four
+    bytes a step, then join neighbours pairwise: crc(a + b) = shift(crc(a)) ^ crc(b)."""
+    words = np.ascontiguousarray(data.view("<u4").reshape(lanes, _LANE // 4).T)
     regs = np.zeros(lanes, dtype=np.uint32)
     regs[0] = reg
-    for column in columns:
-        regs = _TABLE[(regs ^ column) & 0xFF] ^ (regs >> 8)
-    t0, t1, t2, t3 = _shift_tables(lane)
-    values = regs.tolist()
-    reg = values[0]
-    for v in values[1:]:
-        reg = t0[reg & 0xFF] ^ t1[(reg >> 8) & 0xFF] ^ t2[(reg >> 16) & 0xFF] ^ t3[reg >> 24] ^ v
-    return _update_bytes(reg, data[lanes * lane:].tobytes())
+    t0, t1, t2, t3 = _TABLES
+    for column in words:
+        x = regs ^ column
+        regs = t3[x & 0xFF] ^ t2[(x >> 8) & 0xFF] ^ t1[(x >> 16) & 0xFF] ^ t0[x >> 24]
+    level = 0
+    while regs.size > 1:
+        regs = _apply(_shift(level), regs[0::2]) ^ regs[1::2]
+        level += 1
+    return int(regs[0])
+
+
+def _update(reg: int, data: np.ndarray) -> int:
+    """Raw register update; long inputs go through numpy a power-of-two run of
+    lanes at a time, the short rest byte by byte."""
+    while data.size >= 64 * _LANE:  # below this the byte loop is faster
+        lanes = 1 << (data.size // _LANE).bit_length() - 1
+        reg = _update_lanes(reg, data[:lanes * _LANE], lanes)
+        data = data[lanes * _LANE:]
+    return _update_bytes(reg, data.tobytes())
 
 
 def _crc_value(value) -> int:

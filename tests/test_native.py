@@ -267,7 +267,7 @@ def test_crc32c_check_vector(ops):
     assert crc32c_bitwise(b"123456789") == CHECK_VECTOR
 
 
-@pytest.mark.parametrize("size", [1, 3, 8, 63, 255, 769, 4096, 5003, 25_000])
+@pytest.mark.parametrize("size", [1, 3, 8, 63, 255, 769, 4096, 5003, 25_000, 49_155])
 def test_crc32c_matches_bitwise_definition(ops, size):
     rng = np.random.default_rng(size)
     data = random_bytes(rng, size + 7)
