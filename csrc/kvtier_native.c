@@ -17,7 +17,9 @@
 #include "spans.h"
 
 #define DEFAULT_THREADS_CAP 8
-#define GIL_RELEASE_BYTES 4096
+/* Smaller copies and checksums keep the GIL: they finish in a few microseconds,
+ * less than it can take to get the GIL back from another thread. */
+#define GIL_RELEASE_BYTES (64 * 1024)
 
 static int default_threads = 1;
 
@@ -181,7 +183,9 @@ static PyObject *py_copy_spans(PyObject *self, PyObject *args, PyObject *kw)
         goto fail;
     const uint64_t *s = src.buf, *d = dst.buf, *l = len.buf;
     Py_ssize_t n = count(&src);
+    uint64_t total = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
+        total += l[i];
         if (check_span("src_addrs", i, s[i], l[i]) < 0 ||
             check_span("dst_addrs", i, d[i], l[i]) < 0)
             goto fail;
@@ -190,9 +194,13 @@ static PyObject *py_copy_spans(PyObject *self, PyObject *args, PyObject *kw)
             goto fail;
         }
     }
-    Py_BEGIN_ALLOW_THREADS
-    rc = kv_copy_spans(s, d, l, (size_t)n, threads);
-    Py_END_ALLOW_THREADS
+    if (total < GIL_RELEASE_BYTES) {
+        rc = kv_copy_spans(s, d, l, (size_t)n, threads);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        rc = kv_copy_spans(s, d, l, (size_t)n, threads);
+        Py_END_ALLOW_THREADS
+    }
     PyBuffer_Release(&len);
     PyBuffer_Release(&dst);
     PyBuffer_Release(&src);
@@ -254,7 +262,9 @@ static PyObject *py_memcpy(PyObject *self, PyObject *args, PyObject *kw)
     } else if (n && s < d + n && d < s + n) {
         PyErr_SetString(PyExc_ValueError, "dst and src overlap");
         rc = -1;
-    } else if (n) {
+    } else if (n < GIL_RELEASE_BYTES) {
+        memcpy(dst.buf, src.buf, (size_t)n);
+    } else {
         Py_BEGIN_ALLOW_THREADS
         rc = kv_copy_spans(&s, &d, &n, 1, threads);
         Py_END_ALLOW_THREADS
@@ -341,16 +351,23 @@ static PyObject *py_crc32c_spans(PyObject *self, PyObject *args, PyObject *kw)
         goto done;
     const uint64_t *a = addr.buf, *l = len.buf;
     Py_ssize_t n = count(&addr);
-    for (Py_ssize_t i = 0; i < n; i++)
+    uint64_t total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        total += l[i];
         if (check_span("addrs", i, a[i], l[i]) < 0)
             goto done;
+    }
     result = new_result(n, sizeof(uint32_t));
     if (!result)
         goto done;
     uint32_t *out = (uint32_t *)PyByteArray_AS_STRING(result);
-    Py_BEGIN_ALLOW_THREADS
-    kv_crc32c_spans(a, l, out, (size_t)n, threads);
-    Py_END_ALLOW_THREADS
+    if (total < GIL_RELEASE_BYTES) {
+        kv_crc32c_spans(a, l, out, (size_t)n, threads);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        kv_crc32c_spans(a, l, out, (size_t)n, threads);
+        Py_END_ALLOW_THREADS
+    }
 done:
     PyBuffer_Release(&len);
 done_addr:
