@@ -522,7 +522,7 @@ class DiskTier(Tier):
             return {"ok": False, "problems": [self.reads_off or "no index"]}
         if self.writes_off is None:
             self._flush()
-        report = verify(self.index, self.geometry, self._files, salt=self.salt)
+        report = verify(self.index, self.geometry, self.path, salt=self.salt)
         for slot in report.pop("slots", []):
             if not self._slots.is_allocated(slot):
                 report["ok"] = False

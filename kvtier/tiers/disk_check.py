@@ -15,13 +15,13 @@ import numpy as np
 
 from .. import _native
 from .disk_index import DiskIndex
-from .slabs import FORMAT_VERSION, HEADER_BYTES, SlotGeometry, unpack_header
+from .slabs import FORMAT_VERSION, HEADER_BYTES, SlotGeometry, slab_file, slab_sizes, unpack_header
 
 MAX_PROBLEMS = 20
 BATCH = 64
 
 
-def verify(index: DiskIndex, geometry: SlotGeometry, files, salt: bytes | None = None) -> dict:
+def verify(index: DiskIndex, geometry: SlotGeometry, path: str, salt: bytes | None = None) -> dict:
     """A report: ``ok``, ``blocks``, ``bad_blocks``, ``problems`` (first few), ``slots`` (indexed)."""
     g = geometry
     problems: list[str] = []
@@ -38,7 +38,7 @@ def verify(index: DiskIndex, geometry: SlotGeometry, files, salt: bytes | None =
     def fd_of(slab: int) -> int | None:
         if slab not in fds:
             try:
-                fds[slab] = os.open(files.file(slab), os.O_RDONLY)
+                fds[slab] = os.open(slab_file(path, slab), os.O_RDONLY)
                 sizes[slab] = os.fstat(fds[slab]).st_size
             except OSError:
                 fds[slab] = None
@@ -66,7 +66,7 @@ def verify(index: DiskIndex, geometry: SlotGeometry, files, salt: bytes | None =
             owner[slot] = key
             fd = fd_of(e.slab)
             if fd is None:
-                bad("missing_slab", f"{key.hex()}: slab file {files.file(e.slab)} is missing")
+                bad("missing_slab", f"{key.hex()}: slab file {slab_file(path, e.slab)} is missing")
                 continue
             if sizes[e.slab] < e.offset + g.slot_bytes:
                 bad("truncated", f"{key.hex()}: slab {e.slab} is truncated at {sizes[e.slab]} bytes")
@@ -106,7 +106,7 @@ def _verify_batch(todo, g: SlotGeometry, bad) -> None:
             bad("checksum", f"{key.hex()}: slot {slot} fails its checksum")
 
 
-def summarize(index: DiskIndex, geometry: SlotGeometry, files) -> dict:
+def summarize(index: DiskIndex, geometry: SlotGeometry, path: str) -> dict:
     """What a directory holds: blocks, bytes, namespaces, slab files and free space."""
     labels = index.namespaces()
     per_ns: Counter = Counter()
@@ -114,10 +114,10 @@ def summarize(index: DiskIndex, geometry: SlotGeometry, files) -> dict:
     for _, e in index.items():
         blocks += 1
         per_ns[e.salt if e is not None else b"?"] += 1
-    slabs = files.existing()
+    slabs = slab_sizes(path)
     g = geometry
     return {
-        "path": files.path,
+        "path": path,
         "blocks": blocks,
         "block_bytes": g.block_bytes,
         "bytes": blocks * g.block_bytes,

@@ -173,17 +173,11 @@ class SlabFiles:
             log.warning("disk tier %s: buffered I/O, because %s", path, reason)
 
     def file(self, slab: int) -> str:
-        return os.path.join(self.path, SLAB_NAME.format(slab))
+        return slab_file(self.path, slab)
 
     def existing(self) -> dict[int, int]:
         """Slab number -> current file size, for every slab file on disk."""
-        out = {}
-        for slab in range(self.geometry.num_slabs):
-            try:
-                out[slab] = os.stat(self.file(slab)).st_size
-            except FileNotFoundError:
-                continue
-        return out
+        return slab_sizes(self.path)
 
     def failed(self, slab: int) -> str | None:
         return self._failed.get(slab)
@@ -254,6 +248,22 @@ class SlabFiles:
                 except OSError:
                     pass
             self._fds.clear()
+
+
+def slab_file(path: str, slab: int) -> str:
+    return os.path.join(path, SLAB_NAME.format(slab))
+
+
+def slab_sizes(path: str) -> dict[int, int]:
+    """Slab number -> file size, for every slab file in directory ``path``."""
+    out = {}
+    for name in os.listdir(path):
+        if name.startswith("slab-") and name.endswith(".kvt") and name[5:-4].isdigit():
+            try:
+                out[int(name[5:-4])] = os.stat(os.path.join(path, name)).st_size
+            except FileNotFoundError:
+                continue
+    return out
 
 
 def _preallocate(fd: int, size: int) -> None:
