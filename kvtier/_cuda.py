@@ -306,8 +306,9 @@ class DeviceCopier:
         dev = self.cupy.cuda.alloc(table.nbytes)
         self.rt.memcpyAsync(dev.ptr, hv.ctypes.data, table.nbytes, _KIND_H2D, stream.ptr)
         grid = max(1, min(n, self.kernel_blocks))
-        self._kernel("kvtier_copy_chunks")((grid,), (THREADS,), (np.uint64(dev.ptr), np.uint64(n)),
-                                           stream=stream)
+        fn = self._kernel("kvtier_copy_chunks")
+        with stream:                        # CuPy launches on its current stream
+            fn((grid,), (THREADS,), (np.uint64(dev.ptr), np.uint64(n)))
         return (host, dev, spans)
 
     def copy_spans_sync(self, spans: Spans, mechanism: str = "auto") -> None:
