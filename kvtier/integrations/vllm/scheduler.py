@@ -1,0 +1,257 @@
+"""Scheduler side of the connector: lookups, leases, and the per-step plan.
+
+Lifecycle of one request, as vLLM's scheduler drives it:
+
+    get_num_new_matched_tokens   salt ``request.block_hashes`` into kvtier keys;
+                                 lookup() past the local prefix-cache hit
+    update_state_after_alloc     prepare_load(): lease the blocks (promotion
+                                 from disk/remote starts in the background)
+    build_connector_meta         issue loads whose promotion is done (async) or
+                                 wait for them (sync); prepare_store() the
+                                 blocks that become full in this step
+    update_connector_output      the worker's results: complete_store() /
+                                 complete_load(); failures are counted
+    request_finished             drop the request; leases of ops the worker
+                                 still holds are released when it reports
+
+A block that was promised to vLLM but cannot be supplied (lease lost,
+promotion failed a checksum, timeout) travels to the worker as a failed block
+id; the worker reports it through ``get_block_ids_with_load_errors`` and
+vLLM recomputes it.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...keys import salt_hashes
+from .events import EventedCache, EventLog
+from .geometry import EngineGeometry
+from .metadata import ArenaInfo, KVTierConnectorMetadata, KVTierWorkerMetadata, LoadOp, StoreOp
+from .options import ConnectorOptions
+from .shm import arena_path, build_shared_cache
+from .stats import KVTierConnectorStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _PendingLoad:
+    req_id: str
+    block_ids: list[int]
+    handle: Any                    # LoadHandle | None (None: nothing could be leased)
+    is_async: bool
+    since: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _ReqState:
+    request: Any
+    keys: list[bytes] = field(default_factory=list)   # salted block_hashes, grown lazily
+    num_stored: int = 0           # leading blocks already offered to prepare_store
+    num_local: int = 0            # block-aligned local hit seen by the last lookup
+    num_hit: int = 0              # kvtier blocks found past it
+
+
+class KVTierScheduler:
+    def __init__(self, vllm_config, geometry: EngineGeometry, opts: ConnectorOptions):
+        self.geometry = geometry
+        self.opts = opts
+        self.block_tokens = geometry.block_tokens
+        self.namespace = geometry.namespace
+        engine_id = vllm_config.kv_transfer_config.engine_id
+        self.cache = build_shared_cache(opts.cache, geometry.namespace, geometry.block_bytes,
+                                        arena_path(engine_id), cache_cls=EventedCache)
+        host = self.cache.tiers[0]
+        self.arena = ArenaInfo(host.shared.path, host.shared.nbytes, host.slot_bytes)
+        self._attached = False
+        capacity = sum(t.num_slots or 0 for t in self.cache.tiers)
+        self.events = EventLog(self.block_tokens, max_keys=capacity)
+        self.stats = KVTierConnectorStats()       # since vLLM last took them
+        self.totals = KVTierConnectorStats()      # since start-up
+        self._reqs: dict[str, _ReqState] = {}
+        self._new_loads: list[_PendingLoad] = []      # allocated this step
+        self._waiting: list[_PendingLoad] = []        # async, promotion still running
+        self._issued_loads: dict[int, Any] = {}       # op id -> LoadHandle | None
+        self._issued_stores: dict[int, tuple[Any, str, list[bytes]]] = {}
+        self._ops = itertools.count(1)
+        log.info("kvtier connector: namespace %s, %d-byte blocks, %s loads, tiers %s",
+                 self.namespace.label, geometry.block_bytes, opts.load_mode,
+                 [t.name for t in self.cache.tiers])
+
+    def _count(self, key: str, n: float) -> None:
+        self.stats.add(key, n)
+        self.totals.add(key, n)
+
+    # ---- keys -------------------------------------------------------------------
+    def _state(self, request) -> _ReqState:
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            st = self._reqs[request.request_id] = _ReqState(request)
+        return st
+
+    def _keys(self, st: _ReqState, n: int) -> list[bytes]:
+        hashes = st.request.block_hashes
+        if len(st.keys) < n:
+            new = list(hashes[len(st.keys):n])
+            keys = salt_hashes(self.namespace, new)
+            self.events.remember(keys, new)
+            st.keys.extend(keys)
+        return st.keys[:n]
+
+    # ---- lookup -----------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+        st = self._state(request)
+        bt = self.block_tokens
+        # vLLM must compute at least one token itself, so the last token's block stays local.
+        limit = min(len(request.block_hashes), (request.num_tokens - 1) // bt)
+        start = num_computed_tokens // bt
+        st.num_local, st.num_hit = start, 0
+        if limit <= start:
+            return 0, False
+        keys = self._keys(st, limit)
+        found = self.cache.lookup(keys[start:limit]).num_blocks
+        self._count("lookup_blocks", limit - start)
+        self._count("hit_blocks", found)
+        if found < self.opts.min_load_blocks:
+            return 0, False
+        st.num_hit = found
+        return found * bt, self.opts.is_async
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        if num_external_tokens == 0:
+            return
+        st = self._state(request)
+        n = num_external_tokens // self.block_tokens
+        start = st.num_local
+        block_ids = list(blocks.get_block_ids()[0][start:start + n])
+        keys = self._keys(st, start + n)[start:]
+        handle = self.cache.prepare_load(keys, ("load", request.request_id), start=start)
+        self._new_loads.append(_PendingLoad(request.request_id, block_ids, handle, self.opts.is_async))
+
+    # ---- the per-step plan ----------------------------------------------------------
+    def build_connector_meta(self, scheduler_output) -> KVTierConnectorMetadata:
+        meta = KVTierConnectorMetadata(arena=None if self._attached else self.arena)
+        new, self._new_loads = self._new_loads, []
+        for p in new:
+            if p.is_async:
+                self._waiting.append(p)
+            else:
+                if p.handle is not None and not p.handle.wait(self.opts.load_timeout_s):
+                    log.warning("kvtier: load for %s still promoting after %.1fs: recomputing",
+                                p.req_id, self.opts.load_timeout_s)
+                meta.loads.append(self._issue(p))
+        still = []
+        now = time.monotonic()
+        for p in self._waiting:
+            if p.handle is None or p.handle.ready() or now - p.since > self.opts.load_timeout_s:
+                meta.loads.append(self._issue(p))
+            else:
+                still.append(p)
+        self._waiting = still
+        self._plan_stores(scheduler_output, meta)
+        return meta
+
+    def _issue(self, p: _PendingLoad) -> LoadOp:
+        h = p.handle
+        n = h.num_ok if h is not None and h.ready() else 0
+        n = min(n, len(p.block_ids))
+        op = LoadOp(next(self._ops), p.req_id, p.block_ids[:n], list(h.slots[:n]) if n else [],
+                    p.block_ids[n:], p.is_async)
+        if op.failed_block_ids:
+            self._count("load_failed_blocks", len(op.failed_block_ids))
+        if n == 0 and h is not None:
+            self.cache.complete_load(h, success=False)
+            h = None
+        self._issued_loads[op.op_id] = h
+        return op
+
+    def _plan_stores(self, so, meta: KVTierConnectorMetadata) -> None:
+        if self._kv_cache_manager is None:
+            return
+        computed: dict[str, int] = {}
+        for r in so.scheduled_new_reqs:
+            computed[r.req_id] = r.num_computed_tokens
+        cached = so.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            computed[req_id] = cached.num_computed_tokens[i]
+        for req_id, before in computed.items():
+            st = self._reqs.get(req_id)
+            if st is None:
+                continue
+            after = before + so.num_scheduled_tokens.get(req_id, 0)
+            full = min(after // self.block_tokens, len(st.request.block_hashes))
+            if full <= st.num_stored:
+                continue
+            start = st.num_stored
+            st.num_stored = full
+            keys = self._keys(st, full)[start:]
+            h = self.cache.prepare_store(keys, ("store", req_id), start=start)
+            if h is None:
+                continue
+            table = self._kv_cache_manager.get_block_ids(req_id)[0]
+            ids = [table[start + i] for i in h.positions]
+            op = StoreOp(next(self._ops), req_id, ids, list(h.slots))
+            hashes = st.request.block_hashes
+            tokens = st.request.all_token_ids
+            info = [(hashes[start + i], hashes[start + i - 1] if start + i > 0 else None,
+                     tokens[(start + i) * self.block_tokens:(start + i + 1) * self.block_tokens])
+                    for i in h.positions]
+            self._issued_stores[op.op_id] = (h, req_id, info)
+            meta.stores.append(op)
+
+    _kv_cache_manager = None
+
+    def bind(self, kv_cache_manager) -> None:
+        self._kv_cache_manager = kv_cache_manager
+
+    # ---- results ------------------------------------------------------------------
+    def update_connector_output(self, output) -> None:
+        wm = getattr(output, "kv_connector_worker_meta", None)
+        if not isinstance(wm, KVTierWorkerMetadata):
+            return
+        if wm.attached and not self._attached:
+            self._attached = True
+            self.cache.tiers[0].shared.unlink()     # both sides mapped: memory lives as long as they do
+        for op_id, ok in wm.store_results.items():
+            entry = self._issued_stores.pop(op_id, None)
+            if entry is None:
+                continue
+            h, _, info = entry
+            published = self.cache.complete_store(h, ok) and ok
+            if published:
+                for block_hash, parent, tokens in info:
+                    self.events.stored([block_hash], parent, tokens)
+        for op_id, ok in wm.load_results.items():
+            if op_id in self._issued_loads:
+                h = self._issued_loads.pop(op_id)
+                if h is not None:
+                    self.cache.complete_load(h, success=ok)
+
+    def request_finished(self, request) -> None:
+        req_id = request.request_id
+        self._reqs.pop(req_id, None)
+        keep = []
+        for p in self._waiting:            # never issued: nobody will copy from these slots
+            if p.req_id == req_id:
+                if p.handle is not None:
+                    self.cache.complete_load(p.handle, success=False)
+            else:
+                keep.append(p)
+        self._waiting = keep
+
+    def take_events(self):
+        self.events.add_records(self.cache.take_records())
+        return self.events.take()
+
+    def get_stats(self) -> KVTierConnectorStats | None:
+        return self.stats.take()
+
+    def shutdown(self) -> None:
+        try:
+            self.cache.close()
+        except Exception as e:       # shutting down: report, never raise into vLLM's teardown
+            log.warning("kvtier: closing the cache failed: %s", e)

@@ -1,0 +1,138 @@
+"""The host tier in shared memory, so vLLM's scheduler and worker see one arena.
+
+vLLM runs its scheduler and its model workers in different processes.  The
+scheduler side owns the :class:`~kvtier.cache.TieredCache` (index, leases,
+policies, the disk and remote tiers); the worker side copies pages between the
+engine's KV tensors and host slots.  Both need the same bytes, so the host
+tier's arena is a file in ``/dev/shm`` that each process maps:
+
+    scheduler: SharedArena.create(path, nbytes)   fallocate: fails now, not with SIGBUS later
+    worker:    SharedArena.attach(path, nbytes)   once it sees the path in metadata
+    scheduler: unlink() once the worker has attached (memory goes with the last mapping)
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+
+import numpy as np
+
+from ...config import KVTierConfig
+from ...errors import ConfigError, KVTierError
+from ...keys import Namespace
+from ...tiers.host import SLOT_ALIGN, HostTier, _round_up
+
+log = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
+
+
+def arena_path(engine_id: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(engine_id))
+    return os.path.join(SHM_DIR, f"kvtier-{safe}.host")
+
+
+class SharedArena:
+    """One shared mapping of ``nbytes`` bytes backed by a file in /dev/shm."""
+
+    def __init__(self, path: str, nbytes: int, fd: int):
+        self.path = path
+        self.nbytes = nbytes
+        try:
+            self._mmap = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED,
+                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self.array = np.frombuffer(self._mmap, dtype=np.uint8)
+        self.base = self.array.ctypes.data
+
+    @classmethod
+    def create(cls, path: str, nbytes: int, key: str = "host.capacity_bytes") -> "SharedArena":
+        try:
+            os.unlink(path)                     # a file left by a killed engine with this id
+            log.warning("removed a stale host arena %s", path)
+        except FileNotFoundError:
+            pass
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as e:
+            os.close(fd)
+            os.unlink(path)
+            raise ConfigError(key, nbytes, f"an amount of shared memory {SHM_DIR} can hold ({e.strerror})") from e
+        return cls(path, nbytes, fd)
+
+    @classmethod
+    def attach(cls, path: str, nbytes: int) -> "SharedArena":
+        fd = os.open(path, os.O_RDWR)
+        size = os.fstat(fd).st_size
+        if size != nbytes:
+            os.close(fd)
+            raise KVTierError(f"host arena {path} has {size} bytes, expected {nbytes}")
+        return cls(path, nbytes, fd)
+
+    def unlink(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        self.array = None
+        try:
+            self._mmap.close()
+        except BufferError:   # a view is still exported; the GC unmaps it later
+            pass
+
+
+class SharedHostTier(HostTier):
+    """A HostTier whose arena is a :class:`SharedArena` instead of private memory."""
+
+    def __init__(self, name: str, block_bytes: int, num_slots: int, arena: SharedArena):
+        super().__init__(name, block_bytes, num_slots, memory="none")
+        if arena.nbytes < self.slot_bytes * num_slots:
+            raise KVTierError(f"{name}: arena of {arena.nbytes} bytes is too small for {num_slots} slots")
+        self.memory = "shared"
+        self.shared = arena
+        self._arena = arena.array
+        self._base = arena.base
+
+    def close(self) -> None:
+        self._arena = None
+        self.shared.unlink()
+        self.shared.close()
+
+
+def host_geometry(cfg: KVTierConfig, block_bytes: int) -> tuple[int, int]:
+    """(slot_bytes, num_slots) of the host tier, as both processes compute it."""
+    slot = _round_up(block_bytes, SLOT_ALIGN)
+    n = cfg.host.capacity_bytes // slot
+    if n <= 0:
+        raise ConfigError("kv_connector_extra_config.host.capacity_bytes", cfg.host.capacity_bytes,
+                          f"room for at least one block ({slot} bytes with alignment)")
+    return slot, n
+
+
+def build_shared_cache(cfg: KVTierConfig, namespace: Namespace, block_bytes: int, path: str, cache_cls=None):
+    """A TieredCache (or ``cache_cls``) like ``TieredCache.from_config`` builds, with the host tier in /dev/shm."""
+    from ...cache import TieredCache
+    from ...tiers.factory import build_tiers
+
+    cache_cls = cache_cls or TieredCache
+
+    slot, num_slots = host_geometry(cfg, block_bytes)
+    arena = SharedArena.create(path, slot * num_slots, key="kv_connector_extra_config.host.capacity_bytes")
+    try:
+        tiers, policies = build_tiers(cfg, namespace, block_bytes)
+    except BaseException:
+        arena.unlink()
+        arena.close()
+        raise
+    for i, t in enumerate(tiers):
+        if t.medium == "host":
+            t.close()                               # its private arena was never touched
+            tiers[i] = SharedHostTier(t.name, block_bytes, num_slots, arena)
+    return cache_cls(tiers, policies, lease_timeout_s=cfg.lease_timeout_s,
+                       staging_bytes=cfg.staging_bytes, transfer_threads=cfg.transfer_threads,
+                       namespace=namespace)

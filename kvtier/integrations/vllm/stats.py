@@ -1,0 +1,86 @@
+"""Connector counters for vLLM's stats logging and Prometheus endpoint.
+
+Both sides count into a :class:`KVTierConnectorStats` (plain ints and floats,
+so it serializes from worker to logger); vLLM aggregates them per interval.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
+
+COUNTERS = (
+    "lookup_blocks",        # blocks asked about (scheduler)
+    "hit_blocks",           # of those, found in kvtier
+    "load_blocks",          # blocks copied into engine pages (worker)
+    "load_failed_blocks",   # blocks promised but recomputed: corrupt, lost, timed out, copy error
+    "store_blocks",         # blocks copied out of engine pages (worker)
+    "store_failed_blocks",
+    "load_bytes",
+    "store_bytes",
+    "load_seconds",         # worker time spent copying
+    "store_seconds",
+)
+
+
+@dataclass
+class KVTierConnectorStats(KVConnectorStats):
+    def __post_init__(self) -> None:
+        for k in COUNTERS:
+            self.data.setdefault(k, 0)
+
+    def add(self, key: str, n: float) -> None:
+        self.data[key] = self.data.get(key, 0) + n
+
+    def reset(self) -> None:
+        for k in COUNTERS:
+            self.data[k] = 0
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for k, v in other.data.items():
+            self.data[k] = self.data.get(k, 0) + v
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        out: dict[str, int | float] = {k: self.data.get(k, 0) for k in COUNTERS}
+        asked = out["lookup_blocks"]
+        out["hit_rate"] = round(out["hit_blocks"] / asked, 4) if asked else 0.0
+        for side in ("load", "store"):
+            s = out[f"{side}_seconds"]
+            out[f"{side}_gbps"] = round(out[f"{side}_bytes"] / s / 1e9, 3) if s else 0.0
+        return out
+
+    def is_empty(self) -> bool:
+        return not any(self.data.get(k) for k in COUNTERS)
+
+    def take(self) -> "KVTierConnectorStats | None":
+        """A copy holding what was counted since the last take, or None if nothing was."""
+        if self.is_empty():
+            return None
+        out = KVTierConnectorStats(data=dict(self.data))
+        self.reset()
+        return out
+
+
+class KVTierPromMetrics(KVConnectorPromMetrics):
+    """``vllm:kvtier_<counter>_total`` counters, one per engine."""
+
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._counters: dict[str, dict[int, Any]] = {}
+        for key in COUNTERS:
+            counter = self._counter_cls(name=f"vllm:kvtier_{key}_total",
+                                        documentation=f"kvtier connector: {key.replace('_', ' ')}",
+                                        labelnames=labelnames)
+            self._counters[key] = {idx: counter.labels(*values)
+                                   for idx, values in per_engine_labelvalues.items()}
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        for key, per_engine in self._counters.items():
+            v = transfer_stats_data.get(key, 0)
+            if v:
+                per_engine[engine_idx].inc(v)
