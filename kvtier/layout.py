@@ -81,6 +81,8 @@ class BlockLayout:
             if t.is_complex() or t.dtype == torch.bool:
                 raise ConfigError(f"kv_caches[{i}].dtype", str(t.dtype), "a real numeric dtype")
         dev = tensors[0].device
+        if dev.type not in ("cpu", "cuda"):
+            raise ConfigError("kv_caches[0].device", str(dev), "a cpu or cuda tensor")
         num_blocks = tensors[0].shape[block_dim]
         for i, t in enumerate(tensors):
             if t.device != dev:

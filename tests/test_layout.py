@@ -95,6 +95,8 @@ def test_bad_tensors_and_ids():
         BlockLayout([t, np.zeros((4, 8))])
     with pytest.raises(ConfigError, match="dtype"):
         BlockLayout([torch.zeros(4, 8, dtype=torch.bool)])
+    with pytest.raises(ConfigError, match="device"):
+        BlockLayout([torch.zeros(4, 8, device="meta")])
     lay = BlockLayout([t])
     for bad in ([4], [-1], [[1]], [0.5]):
         with pytest.raises(ConfigError, match="block_ids"):
