@@ -143,10 +143,11 @@ static int parse_threads(PyObject *obj, int *threads)
                      Py_TYPE(obj)->tp_name);
         return -1;
     }
-    long v = PyLong_AsLong(obj);
-    if (v == -1 && PyErr_Occurred())
-        PyErr_Clear();
-    if (v < 1) {
+    int overflow = 0;
+    long v = PyLong_AsLongAndOverflow(obj, &overflow);
+    if (overflow > 0)
+        v = KV_POOL_MAX_THREADS;
+    if (v < 1 || overflow < 0) {
         PyErr_Format(PyExc_ValueError, "threads must be a positive int or None, got %R", obj);
         return -1;
     }

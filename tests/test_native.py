@@ -211,6 +211,36 @@ def test_copy_spans_rejects_bad_arguments_before_copying_anything(ops):
         assert (dst == POISON).all(), f"{words}: bytes moved before the error"
 
 
+def test_threads_beyond_the_cap_are_capped(ops):
+    src, dst = np.arange(100, dtype=np.uint8), poisoned(100)
+    for threads in (64, 10**6, 2**80):
+        ops.memcpy(dst, src, threads=threads)
+    np.testing.assert_array_equal(dst, src)
+
+
+@settings(max_examples=60, deadline=None)
+@given(spans=st.lists(st.tuples(st.integers(0, 5000), st.integers(0, 3000), st.integers(0, 99)),
+                      max_size=40),
+       threads=st.integers(1, 4))
+def test_copy_spans_matches_a_model_on_any_span_list(spans, threads):
+    """Any list of (source offset, length, gap) spans: both backends write exactly
+    the model's bytes into a poisoned destination."""
+    src = np.random.default_rng(len(spans)).integers(0, 256, 8000, dtype=np.uint8)
+    dst_off, pos = [], 0
+    for _, n, gap in spans:
+        dst_off.append(pos + gap)
+        pos += gap + n
+    expected = poisoned(pos + 1)
+    for (s, n, _), d in zip(spans, dst_off):
+        expected[d:d + n] = src[s:s + n]
+    backends = [_reference] + ([_native] if _native.NATIVE else [])
+    for ops in backends:
+        dst = poisoned(pos + 1)
+        ops.copy_spans(u64(s + addr(src) for s, _, _ in spans), u64(d + addr(dst) for d in dst_off),
+                       u64(n for _, n, _ in spans), threads=threads)
+        np.testing.assert_array_equal(dst, expected)
+
+
 @pytest.mark.parametrize("threads,exc_type", [(0, ValueError), (-3, ValueError),
                                               ("2", TypeError), (1.5, TypeError)])
 def test_threads_must_be_positive_ints(ops, threads, exc_type):
