@@ -15,8 +15,10 @@ Ops:
 
 Address and length arguments are 1-D contiguous numpy uint64 arrays (offsets
 int64 or uint64, fds int32 or int64 or one int); anything else is a ValueError
-or TypeError naming the argument. ``threads`` is a positive int or None for
-:data:`DEFAULT_THREADS`.
+or TypeError naming the argument; a batch is checked whole before any byte
+moves. ``threads`` is a positive int (capped at 64) or None for
+:data:`DEFAULT_THREADS`; batches under 256 KiB run on the calling thread, and
+copies over 1 MiB use streaming stores that bypass the cache where the CPU has them.
 
 The environment variable ``KVTIER_NATIVE`` picks the implementation, read once at
 import: ``auto`` (default) uses the extension when it imports and the reference
