@@ -336,7 +336,7 @@ class DiskTier(Tier):
         if not plan:
             self._counts["write_failures"] += n
             return ok
-        res = _native.pwrite_spans(*plan.arrays(), self.io_threads)
+        res = _native.pwrite_spans(*plan.arrays(), self._threads(plan))
         good = self._outcome(plan, res, "write")
         if self.durability != "none":
             for slab in self._files.sync({plan.slab[j] for j in range(len(plan)) if good[plan.block[j]]}):
@@ -400,7 +400,7 @@ class DiskTier(Tier):
             plan.add(i, e.slab, fd, e.offset + body, tails[i * tail:(i + 1) * tail].ctypes.data, tail)
         if not plan:
             return ok
-        res = _native.pread_spans(*plan.arrays(), self.io_threads)
+        res = _native.pread_spans(*plan.arrays(), self._threads(plan))
         good = self._outcome(plan, res, "read")
         rem = self.block_bytes - body
         done = sorted(i for i, v in good.items() if v)
@@ -433,6 +433,10 @@ class DiskTier(Tier):
         self._counts["blocks_read"] += nok
         self._counts["bytes_read"] += nok * g.slot_bytes
         return ok
+
+    def _threads(self, plan: "_Spans") -> int:
+        """Each block is two spans (whole pages, then tail + header): both in flight at once."""
+        return max(1, min(len(plan), 2 * self.io_threads))
 
     # ---- failure handling ----------------------------------------------------------
     def _outcome(self, plan: "_Spans", res: np.ndarray, what: str) -> dict[int, bool]:
