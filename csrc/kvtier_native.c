@@ -1,6 +1,6 @@
 /* kvtier._kvtier_native: the Python binding of kvtier's native core.
  *
- * Every array argument is checked here (type, dtype, dimensions, contiguity,
+ * Every argument is checked (pyargs.c: type, dtype, dimensions, contiguity,
  * matching lengths, null or wrapping spans) before any byte moves, and the work
  * itself runs with the GIL released. kvtier/_native.py is the only importer;
  * kvtier/_reference.py holds the same ops in Python.
@@ -14,6 +14,7 @@
 #include "copy.h"
 #include "crc32c.h"
 #include "pool.h"
+#include "pyargs.h"
 #include "spans.h"
 
 #define DEFAULT_THREADS_CAP 8
@@ -22,138 +23,6 @@
 #define GIL_RELEASE_BYTES (64 * 1024)
 
 static int default_threads = 1;
-
-/* ---- argument checks ---------------------------------------------------- */
-
-enum dtype_kind { UNSIGNED, SIGNED, OTHER };
-
-struct dtype {
-    enum dtype_kind kind;
-    Py_ssize_t itemsize;
-};
-
-static int read_dtype(const Py_buffer *view, struct dtype *dt)
-{
-    const char *f = view->format ? view->format : "B";
-    dt->itemsize = view->itemsize;
-    dt->kind = OTHER;
-    if (*f == '@' || *f == '=' || *f == '<')
-        f++;
-    if (f[0] == '\0' || f[1] != '\0')
-        return -1;
-    if (strchr("BHILQN", f[0]))
-        dt->kind = UNSIGNED;
-    else if (strchr("bhilqn", f[0]))
-        dt->kind = SIGNED;
-    return 0;
-}
-
-static void describe(const Py_buffer *view, char *out, size_t size)
-{
-    struct dtype dt;
-    if (read_dtype(view, &dt) == 0 && dt.kind != OTHER)
-        snprintf(out, size, "%s%d", dt.kind == UNSIGNED ? "uint" : "int",
-                 (int)(dt.itemsize * 8));
-    else
-        snprintf(out, size, "buffer format '%s'", view->format ? view->format : "B");
-}
-
-/* Accepts a 1-D C-contiguous array whose items match one of `allowed`
- * (a zero-terminated list of (kind, itemsize) pairs). */
-static int get_array(PyObject *obj, const char *name, const char *wanted,
-                     const struct dtype *allowed, Py_buffer *view)
-{
-    if (PyObject_GetBuffer(obj, view, PyBUF_FORMAT | PyBUF_STRIDES) < 0) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s must be a 1-D %s numpy array, got %.100s", name,
-                     wanted, Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    char got[64];
-    struct dtype dt;
-    int ok = read_dtype(view, &dt) == 0;
-    for (const struct dtype *a = allowed; ok && a->itemsize; a++)
-        if (a->kind == dt.kind && a->itemsize == dt.itemsize)
-            goto dtype_ok;
-    describe(view, got, sizeof(got));
-    PyErr_Format(PyExc_ValueError, "%s must be a 1-D %s array, got dtype %s", name, wanted,
-                 got);
-    PyBuffer_Release(view);
-    return -1;
-dtype_ok:
-    if (view->ndim != 1) {
-        PyErr_Format(PyExc_ValueError, "%s must be a 1-D %s array, got %d dimensions", name,
-                     wanted, view->ndim);
-        PyBuffer_Release(view);
-        return -1;
-    }
-    if (!PyBuffer_IsContiguous(view, 'C')) {
-        PyErr_Format(PyExc_ValueError,
-                     "%s must be a contiguous %s array, got a strided view "
-                     "(use numpy.ascontiguousarray)",
-                     name, wanted);
-        PyBuffer_Release(view);
-        return -1;
-    }
-    return 0;
-}
-
-static const struct dtype U64[] = {{UNSIGNED, 8}, {OTHER, 0}};
-static const struct dtype OFFSETS[] = {{SIGNED, 8}, {UNSIGNED, 8}, {OTHER, 0}};
-static const struct dtype FDS[] = {{SIGNED, 4}, {SIGNED, 8}, {OTHER, 0}};
-
-static Py_ssize_t count(const Py_buffer *view) { return view->len / view->itemsize; }
-
-static int same_length(const char *a, const Py_buffer *va, const char *b, const Py_buffer *vb)
-{
-    if (count(va) == count(vb))
-        return 0;
-    PyErr_Format(PyExc_ValueError, "%s and %s must have the same length, got %zd and %zd", a,
-                 b, count(va), count(vb));
-    return -1;
-}
-
-/* A span must not start at NULL or run past the end of the address space. */
-static int check_span(const char *name, Py_ssize_t i, uint64_t addr, uint64_t len)
-{
-    if (len == 0)
-        return 0;
-    if (addr == 0) {
-        PyErr_Format(PyExc_ValueError, "span %zd: %s is 0 (null) for a length of %llu bytes",
-                     i, name, (unsigned long long)len);
-        return -1;
-    }
-    if (addr > UINTPTR_MAX - len || len > (uint64_t)PY_SSIZE_T_MAX) {
-        PyErr_Format(PyExc_ValueError,
-                     "span %zd: %s 0x%llx + %llu bytes runs past the end of memory", i, name,
-                     (unsigned long long)addr, (unsigned long long)len);
-        return -1;
-    }
-    return 0;
-}
-
-static int parse_threads(PyObject *obj, int *threads)
-{
-    if (obj == NULL || obj == Py_None) {
-        *threads = default_threads;
-        return 0;
-    }
-    if (!PyLong_Check(obj) || PyBool_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "threads must be a positive int or None, got %.100s",
-                     Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    int overflow = 0;
-    long v = PyLong_AsLongAndOverflow(obj, &overflow);
-    if (overflow > 0)
-        v = KV_POOL_MAX_THREADS;
-    if (v < 1 || overflow < 0) {
-        PyErr_Format(PyExc_ValueError, "threads must be a positive int or None, got %R", obj);
-        return -1;
-    }
-    *threads = v > KV_POOL_MAX_THREADS ? KV_POOL_MAX_THREADS : (int)v;
-    return 0;
-}
 
 static PyObject *new_result(Py_ssize_t n, Py_ssize_t itemsize)
 {
@@ -171,24 +40,24 @@ static PyObject *py_copy_spans(PyObject *self, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|O:copy_spans", kwlist, &osrc, &odst, &olen,
                                      &othreads))
         return NULL;
-    if (parse_threads(othreads, &threads) < 0)
+    if (kv_parse_threads(othreads, default_threads, &threads) < 0)
         return NULL;
-    if (get_array(osrc, "src_addrs", "uint64", U64, &src) < 0)
+    if (kv_get_array(osrc, "src_addrs", "uint64", KV_U64, &src) < 0)
         return NULL;
-    if (get_array(odst, "dst_addrs", "uint64", U64, &dst) < 0)
+    if (kv_get_array(odst, "dst_addrs", "uint64", KV_U64, &dst) < 0)
         goto fail_src;
-    if (get_array(olen, "lengths", "uint64", U64, &len) < 0)
+    if (kv_get_array(olen, "lengths", "uint64", KV_U64, &len) < 0)
         goto fail_dst;
-    if (same_length("src_addrs", &src, "dst_addrs", &dst) < 0 ||
-        same_length("src_addrs", &src, "lengths", &len) < 0)
+    if (kv_same_length("src_addrs", &src, "dst_addrs", &dst) < 0 ||
+        kv_same_length("src_addrs", &src, "lengths", &len) < 0)
         goto fail;
     const uint64_t *s = src.buf, *d = dst.buf, *l = len.buf;
-    Py_ssize_t n = count(&src);
+    Py_ssize_t n = kv_count(&src);
     uint64_t total = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         total += l[i];
-        if (check_span("src_addrs", i, s[i], l[i]) < 0 ||
-            check_span("dst_addrs", i, d[i], l[i]) < 0)
+        if (kv_check_span("src_addrs", i, s[i], l[i]) < 0 ||
+            kv_check_span("dst_addrs", i, d[i], l[i]) < 0)
             goto fail;
         if (l[i] && s[i] < d[i] + l[i] && d[i] < s[i] + l[i]) {
             PyErr_Format(PyExc_ValueError, "span %zd: source and destination overlap", i);
@@ -217,28 +86,6 @@ fail_src:
     return NULL;
 }
 
-/* A C-contiguous buffer of any format, looked at as bytes. */
-static int get_bytes(PyObject *obj, const char *name, int writable, Py_buffer *view)
-{
-    if (PyObject_GetBuffer(obj, view, PyBUF_STRIDES) < 0) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s must support the buffer protocol, got %.100s", name,
-                     Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    if (writable && view->readonly) {
-        PyErr_Format(PyExc_ValueError, "%s is read-only (%.100s)", name, Py_TYPE(obj)->tp_name);
-        PyBuffer_Release(view);
-        return -1;
-    }
-    if (!PyBuffer_IsContiguous(view, 'C')) {
-        PyErr_Format(PyExc_ValueError, "%s must be C-contiguous", name);
-        PyBuffer_Release(view);
-        return -1;
-    }
-    return 0;
-}
-
 static PyObject *py_memcpy(PyObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"dst", "src", "threads", NULL};
@@ -247,11 +94,11 @@ static PyObject *py_memcpy(PyObject *self, PyObject *args, PyObject *kw)
     int threads, rc = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:memcpy", kwlist, &odst, &osrc, &othreads))
         return NULL;
-    if (parse_threads(othreads, &threads) < 0)
+    if (kv_parse_threads(othreads, default_threads, &threads) < 0)
         return NULL;
-    if (get_bytes(odst, "dst", 1, &dst) < 0)
+    if (kv_get_bytes(odst, "dst", 1, &dst) < 0)
         return NULL;
-    if (get_bytes(osrc, "src", 0, &src) < 0) {
+    if (kv_get_bytes(osrc, "src", 0, &src) < 0) {
         PyBuffer_Release(&dst);
         return NULL;
     }
@@ -281,22 +128,6 @@ static PyObject *py_memcpy(PyObject *self, PyObject *args, PyObject *kw)
 
 /* ---- CRC32C -------------------------------------------------------------- */
 
-static int parse_crc_value(PyObject *obj, uint32_t *value)
-{
-    if (!PyLong_Check(obj)) {
-        PyErr_Format(PyExc_TypeError, "value must be an int, got %.100s", Py_TYPE(obj)->tp_name);
-        return -1;
-    }
-    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
-    if ((v == (unsigned long long)-1 && PyErr_Occurred()) || v > 0xFFFFFFFFull) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_ValueError, "value must be a CRC in [0, 2**32), got %R", obj);
-        return -1;
-    }
-    *value = (uint32_t)v;
-    return 0;
-}
-
 static PyObject *crc_common(PyObject *args, PyObject *kw, const char *fmt, int software)
 {
     static char *kwlist[] = {"buf", "value", NULL};
@@ -305,9 +136,9 @@ static PyObject *crc_common(PyObject *args, PyObject *kw, const char *fmt, int s
     uint32_t value = 0, reg;
     if (!PyArg_ParseTupleAndKeywords(args, kw, fmt, kwlist, &obuf, &ovalue))
         return NULL;
-    if (ovalue && parse_crc_value(ovalue, &value) < 0)
+    if (ovalue && kv_parse_crc_value(ovalue, &value) < 0)
         return NULL;
-    if (get_bytes(obuf, "buf", 0, &buf) < 0)
+    if (kv_get_bytes(obuf, "buf", 0, &buf) < 0)
         return NULL;
     reg = ~value;
     if (buf.len >= GIL_RELEASE_BYTES) {
@@ -342,20 +173,20 @@ static PyObject *py_crc32c_spans(PyObject *self, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|O:crc32c_spans", kwlist, &oaddr, &olen,
                                      &othreads))
         return NULL;
-    if (parse_threads(othreads, &threads) < 0)
+    if (kv_parse_threads(othreads, default_threads, &threads) < 0)
         return NULL;
-    if (get_array(oaddr, "addrs", "uint64", U64, &addr) < 0)
+    if (kv_get_array(oaddr, "addrs", "uint64", KV_U64, &addr) < 0)
         return NULL;
-    if (get_array(olen, "lengths", "uint64", U64, &len) < 0)
+    if (kv_get_array(olen, "lengths", "uint64", KV_U64, &len) < 0)
         goto done_addr;
-    if (same_length("addrs", &addr, "lengths", &len) < 0)
+    if (kv_same_length("addrs", &addr, "lengths", &len) < 0)
         goto done;
     const uint64_t *a = addr.buf, *l = len.buf;
-    Py_ssize_t n = count(&addr);
+    Py_ssize_t n = kv_count(&addr);
     uint64_t total = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         total += l[i];
-        if (check_span("addrs", i, a[i], l[i]) < 0)
+        if (kv_check_span("addrs", i, a[i], l[i]) < 0)
             goto done;
     }
     result = new_result(n, sizeof(uint32_t));
@@ -387,7 +218,7 @@ static PyObject *io_common(PyObject *args, PyObject *kw, int write, const char *
     if (!PyArg_ParseTupleAndKeywords(args, kw, fmt, kwlist, &ofds, &ooff, &oaddr, &olen,
                                      &othreads))
         return NULL;
-    if (parse_threads(othreads, &threads) < 0)
+    if (kv_parse_threads(othreads, default_threads, &threads) < 0)
         return NULL;
     if (PyLong_Check(ofds) && !PyBool_Check(ofds)) {
         long v = PyLong_AsLong(ofds);
@@ -398,23 +229,23 @@ static PyObject *io_common(PyObject *args, PyObject *kw, int write, const char *
         }
         one_fd = (int)v;
         fd_scalar = 1;
-    } else if (get_array(ofds, "fds", "int32 or int64", FDS, &fds) < 0) {
+    } else if (kv_get_array(ofds, "fds", "int32 or int64", KV_FDS, &fds) < 0) {
         return NULL;
     }
-    if (get_array(ooff, "offsets", "int64 or uint64", OFFSETS, &off) < 0)
+    if (kv_get_array(ooff, "offsets", "int64 or uint64", KV_OFFSETS, &off) < 0)
         goto done_fds;
-    if (get_array(oaddr, "addrs", "uint64", U64, &addr) < 0)
+    if (kv_get_array(oaddr, "addrs", "uint64", KV_U64, &addr) < 0)
         goto done_off;
-    if (get_array(olen, "lengths", "uint64", U64, &len) < 0)
+    if (kv_get_array(olen, "lengths", "uint64", KV_U64, &len) < 0)
         goto done_addr;
-    if ((!fd_scalar && same_length("fds", &fds, "addrs", &addr) < 0) ||
-        same_length("offsets", &off, "addrs", &addr) < 0 ||
-        same_length("addrs", &addr, "lengths", &len) < 0)
+    if ((!fd_scalar && kv_same_length("fds", &fds, "addrs", &addr) < 0) ||
+        kv_same_length("offsets", &off, "addrs", &addr) < 0 ||
+        kv_same_length("addrs", &addr, "lengths", &len) < 0)
         goto done;
-    Py_ssize_t n = count(&addr);
+    Py_ssize_t n = kv_count(&addr);
     const uint64_t *a = addr.buf, *l = len.buf;
     for (Py_ssize_t i = 0; i < n; i++)
-        if (check_span("addrs", i, a[i], l[i]) < 0)
+        if (kv_check_span("addrs", i, a[i], l[i]) < 0)
             goto done;
     struct kv_io *reqs = PyMem_RawMalloc((size_t)(n ? n : 1) * sizeof(struct kv_io));
     if (!reqs) {
