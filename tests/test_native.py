@@ -451,6 +451,17 @@ def test_io_errors_come_back_as_negative_errno(ops, tmp_path):
     assert (buf == POISON).all()
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_full_disk_is_a_result_not_an_exception(ops):
+    buf = np.arange(100, dtype=np.uint8)
+    fd = os.open("/dev/full", os.O_WRONLY)
+    try:
+        got = ops.pwrite_spans(fd, np.zeros(2, dtype=np.int64), u64([addr(buf)] * 2), u64([100, 0]))
+    finally:
+        os.close(fd)
+    assert got.tolist() == [-errno.ENOSPC, 0]
+
+
 def test_io_spans_reject_bad_arrays(ops, tmp_path):
     buf = poisoned(8)
     a, n, o = u64([addr(buf)]), u64([8]), np.zeros(1, dtype=np.int64)
