@@ -67,3 +67,41 @@ def test_sources_include_nothing(src):
     """NVRTC compiles these at run time without system headers."""
     includes = [ln for ln in src.read_text().splitlines() if ln.lstrip().startswith("#include")]
     assert includes == []
+
+
+def _nvrtc_dirs() -> list[Path]:
+    """Folders that may hold libnvrtc: $KVTIER_NVRTC_DIR, the CUDA toolkit, NVIDIA's pip wheels."""
+    dirs = [Path(os.environ["KVTIER_NVRTC_DIR"])] if os.environ.get("KVTIER_NVRTC_DIR") else []
+    dirs += [Path("/usr/local/cuda/lib64"), Path("/usr/local/cuda/targets/x86_64-linux/lib")]
+    import importlib.util
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        dirs += sorted(Path(root).glob("*/lib"))
+    return [d for d in dirs if list(d.glob("libnvrtc.so*"))]
+
+
+def _load_nvrtc(d: Path):
+    import ctypes
+    for b in sorted(d.glob("libnvrtc-builtins.so.*")):   # found by soname when nvrtc opens it
+        if ".alt." not in b.name:
+            ctypes.CDLL(str(b), mode=ctypes.RTLD_GLOBAL)
+    lib = next(p for p in sorted(d.glob("libnvrtc.so*")) if ".alt." not in p.name)
+    return ctypes.CDLL(str(lib))
+
+
+@pytest.mark.skipif(not _nvrtc_dirs(), reason="libnvrtc not found (set KVTIER_NVRTC_DIR)")
+@pytest.mark.parametrize("src", SOURCES, ids=[s.name for s in SOURCES])
+def test_compiles_with_nvrtc(src):
+    """The run-time path: NVRTC, no include paths, the options kvtier/_cuda.py passes."""
+    import ctypes
+    lib = _load_nvrtc(_nvrtc_dirs()[0])
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), src.read_bytes(), src.name.encode(), 0, None, None) == 0
+    opts = [b"-std=c++17", b"-arch=sm_90"]
+    rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    assert rc == 0, log.value.decode(errors="replace")
