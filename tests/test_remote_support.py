@@ -105,9 +105,23 @@ def kvservers():
         s.kill()
 
 
+def _cluster_port() -> int:
+    """A free port whose cluster-bus port (port + 10000) is free and valid too."""
+    for _ in range(100):
+        p = free_port()
+        if p + 10000 < 65536:
+            try:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p + 10000))
+                return p
+            except OSError:
+                continue
+    raise RuntimeError("no free port pair for a redis cluster node")
+
+
 class RedisProc:
     def __init__(self, cluster: bool = False):
-        self.port = free_port()
+        self.port = _cluster_port() if cluster else free_port()
         self.dir = None
         self.cluster = cluster
         self.proc = None

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 2.0
+REQUEST_BYTES = 4 << 20          # payload bytes per request (at least one block)
+WAVE_REQUESTS = 16               # requests in flight per call
 
 
 def _zmq():
@@ -77,11 +79,12 @@ class _Budget:
 
 
 class _Request:
-    __slots__ = ("server", "op", "keys", "payloads", "crcs", "nbytes", "reply")
+    """One batched request to one server; ``on_reply`` consumes a valid ok reply as it arrives."""
+    __slots__ = ("server", "op", "idx", "nbytes", "on_reply", "reply")
 
-    def __init__(self, server: int, op: str, keys, payloads=(), crcs=(), nbytes: int = 0):
-        self.server, self.op, self.keys = server, op, keys
-        self.payloads, self.crcs, self.nbytes = payloads, crcs, nbytes
+    def __init__(self, server: int, op: str, idx: list[int], nbytes: int = 0, on_reply=None):
+        self.server, self.op, self.idx, self.nbytes = server, op, idx, nbytes
+        self.on_reply = on_reply
         self.reply: P.Reply | None = None
 
 
@@ -108,7 +111,8 @@ class RemoteTier(Tier):
         self.replication = replication
         self.write_through = write_through
         self._budget = _Budget(max_inflight_bytes)
-        self._batch = max(1, min(P.MAX_KEYS, min(max_inflight_bytes, 64 << 20) // block_bytes))
+        # requests of a few MiB: replies are consumed while later ones are still on the wire
+        self._batch = max(1, min(P.MAX_KEYS, min(max_inflight_bytes, REQUEST_BYTES) // block_bytes))
         self._curve = self._load_curve(server_public_key, client_secret_key)
         self._ctx = zmq.Context()
         self._idle: dict[int, list] = defaultdict(list)
@@ -170,13 +174,13 @@ class RemoteTier(Tier):
         return time.monotonic() >= self._down_until[server]
 
     # ---- one round of requests ------------------------------------------------------
-    def _exchange(self, reqs: list[_Request]) -> None:
-        """Send ``reqs`` (in waves that fit the byte budget) and fill in their replies."""
+    def _exchange(self, reqs: list[_Request], keys, srcs=None) -> None:
+        """Send ``reqs`` in waves that fit the byte budget; replies go to their ``on_reply``."""
         i = 0
         while i < len(reqs):
             wave, nbytes = [reqs[i]], reqs[i].nbytes
             i += 1
-            while i < len(reqs) and nbytes + reqs[i].nbytes <= self._budget.limit:
+            while i < len(reqs) and len(wave) < WAVE_REQUESTS and nbytes + reqs[i].nbytes <= self._budget.limit:
                 wave.append(reqs[i])
                 nbytes += reqs[i].nbytes
                 i += 1
@@ -185,11 +189,20 @@ class RemoteTier(Tier):
                 self._stats["inflight_full"] += len(wave)
                 continue
             try:
-                self._wave(wave, deadline)
+                self._wave(wave, deadline, keys, srcs)
             finally:
                 self._budget.release(nbytes)
 
-    def _wave(self, wave: list[_Request], deadline: float) -> None:
+    def _frames(self, r: _Request, rid: int, keys, srcs) -> list:
+        ks = [keys[i] for i in r.idx]
+        if r.op != "put":
+            return [P.encode_request(r.op, rid, self.namespace, keys=ks, block_bytes=self.block_bytes)]
+        payloads = [srcs[i] for i in r.idx]
+        crcs = [_native.crc32c(p) for p in payloads]
+        return [P.encode_request("put", rid, self.namespace, keys=ks, block_bytes=self.block_bytes,
+                                 crcs=crcs), *payloads]
+
+    def _wave(self, wave: list[_Request], deadline: float, keys, srcs) -> None:
         zmq = self.zmq
         live: dict = {}                       # socket -> (request, request id)
         for r in wave:
@@ -197,11 +210,10 @@ class RemoteTier(Tier):
                 self._stats["skipped_down"] += 1
                 continue
             rid = next(self._ids)
-            header = P.encode_request(r.op, rid, self.namespace, keys=r.keys,
-                                      block_bytes=self.block_bytes, crcs=r.crcs)
+            frames = self._frames(r, rid, keys, srcs)
             sock = self._socket(r.server)
             try:
-                sock.send_multipart([header, *r.payloads], flags=zmq.NOBLOCK, copy=False)
+                sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
             except zmq.ZMQError:
                 self._stats["send_failed"] += 1
                 self._give_back(r.server, sock, False)
@@ -219,7 +231,7 @@ class RemoteTier(Tier):
                 r, rid = live[sock]
                 frames = sock.recv_multipart(copy=False)
                 try:
-                    r.reply = P.decode_reply([f.buffer for f in frames], rid, r.op, len(r.keys),
+                    r.reply = P.decode_reply([f.buffer for f in frames], rid, r.op, len(r.idx),
                                              self.block_bytes)
                     healthy = True
                 except P.ProtocolError as e:
@@ -228,118 +240,109 @@ class RemoteTier(Tier):
                     self._stats["bad_replies"] += 1
                     log.debug("%s: bad reply from %s: %s", self.name, self.servers[r.server], e)
                     healthy = False
-                if r.reply is not None and not r.reply.ok:
-                    self._stats[f"server_error.{r.reply.err}"] += 1
-                    log.debug("%s: %s says %s: %s", self.name, self.servers[r.server], r.reply.err, r.reply.msg)
                 poller.unregister(sock)
                 del live[sock]
                 self._give_back(r.server, sock, healthy)
+                if r.reply is None:
+                    continue
+                if not r.reply.ok:
+                    self._stats[f"server_error.{r.reply.err}"] += 1
+                    log.debug("%s: %s says %s: %s", self.name, self.servers[r.server], r.reply.err, r.reply.msg)
+                elif r.on_reply is not None:
+                    r.on_reply(r)
         for sock, (r, _) in live.items():          # no reply in time: a miss; this socket is done
             self._stats["timeouts"] += 1
             self._give_back(r.server, sock, False)
 
-    def _batches(self, by_server: dict[int, list[int]], op: str, keys, srcs=None, crcs=None) -> list:
-        reqs = []
-        for server, idx in by_server.items():
-            for j in range(0, len(idx), self._batch):
-                part = idx[j:j + self._batch]
-                r = _Request(server, op, [keys[i] for i in part],
-                             [srcs[i] for i in part] if srcs is not None else (),
-                             [crcs[i] for i in part] if crcs is not None else (),
-                             len(part) * self.block_bytes if op in ("get", "put") else 0)
-                reqs.append((r, part))
-        return reqs
+    def _requests(self, by_server: dict[int, list[int]], op: str, on_reply=None) -> list[_Request]:
+        per_block = self.block_bytes if op in ("get", "put") else 0
+        return [_Request(server, op, idx[j:j + self._batch], len(idx[j:j + self._batch]) * per_block, on_reply)
+                for server, idx in by_server.items() for j in range(0, len(idx), self._batch)]
+
+    def _rounds(self, keys, op: str, on_reply, done: list[bool]) -> None:
+        """Ask each key's owners in turn (primary first) until ``done[i]``."""
+        todo = list(range(len(keys)))
+        ranks = [rank_servers(k, self.servers)[:self.replication] for k in keys]
+        for rnd in range(self.replication):
+            if not todo:
+                return
+            by_server: dict[int, list[int]] = defaultdict(list)
+            for i in todo:
+                by_server[ranks[i][rnd]].append(i)
+            self._exchange(self._requests(by_server, op, on_reply), keys)
+            todo = [i for i in todo if not done[i]]
 
     # ---- Tier -----------------------------------------------------------------------
     def write(self, keys, slots, srcs) -> list[bool]:
-        n = len(keys)
-        if n == 0:
-            return []
+        ok = [False] * len(keys)
+        if not keys:
+            return ok
         srcs = [memoryview(s).cast("B") for s in srcs]
-        crcs = [_native.crc32c(s) for s in srcs]
-        ranks = [rank_servers(k, self.servers)[:self.replication] for k in keys]
         by_server: dict[int, list[int]] = defaultdict(list)
-        for i, owners in enumerate(ranks):
-            for s in owners:
+        for i, key in enumerate(keys):
+            for s in rank_servers(key, self.servers)[:self.replication]:
                 by_server[s].append(i)
-        pairs = self._batches(by_server, "put", keys, srcs, crcs)
-        self._exchange([r for r, _ in pairs])
-        ok = [False] * n
-        for r, part in pairs:
-            if r.reply is not None and r.reply.ok:
-                for i, stored in zip(part, r.reply.stored):
-                    ok[i] = ok[i] or stored
-        self._stats["put_blocks"] += n
+
+        def stored(r: _Request) -> None:
+            for i, good in zip(r.idx, r.reply.stored):
+                ok[i] = ok[i] or good
+
+        self._exchange(self._requests(by_server, "put", stored), keys, srcs)
+        self._stats["put_blocks"] += len(keys)
         self._stats["put_stored"] += sum(ok)
         return ok
 
     def read(self, keys, slots, dsts) -> list[bool]:
         ok = [False] * len(keys)
-        todo = list(range(len(keys)))
-        ranks = [rank_servers(k, self.servers)[:self.replication] for k in keys]
-        for rnd in range(self.replication):
-            if not todo:
-                break
-            by_server: dict[int, list[int]] = defaultdict(list)
-            for i in todo:
-                by_server[ranks[i][rnd]].append(i)
-            pairs = self._batches(by_server, "get", keys)
-            self._exchange([r for r, _ in pairs])
-            for r, part in pairs:
-                rep = r.reply
-                if rep is None or not rep.ok:
+
+        def fill(r: _Request) -> None:
+            rep = r.reply
+            it = iter(zip(rep.crcs, rep.payloads))
+            for i, found in zip(r.idx, rep.found):
+                if not found:
                     continue
-                it = iter(zip(rep.crcs, rep.payloads))
-                for i, found in zip(part, rep.found):
-                    if not found:
-                        continue
-                    crc, payload = next(it)
-                    dst = dsts[i]
-                    _native.memcpy(dst, payload)
-                    if _native.crc32c(dst) == crc:
-                        ok[i] = True
-                    else:
-                        self._stats["corrupt_blocks"] += 1
-                        log.warning("%s: block from %s failed its checksum: dropped",
-                                    self.name, self.servers[r.server])
-            todo = [i for i in todo if not ok[i]]
+                crc, payload = next(it)
+                if ok[i]:
+                    continue
+                _native.memcpy(dsts[i], payload)
+                if _native.crc32c(dsts[i]) == crc:
+                    ok[i] = True
+                else:
+                    self._stats["corrupt_blocks"] += 1
+                    log.warning("%s: block from %s failed its checksum: dropped",
+                                self.name, self.servers[r.server])
+
+        self._rounds(keys, "get", fill, ok)
         self._stats["get_blocks"] += len(keys)
         self._stats["get_hits"] += sum(ok)
         return ok
 
     def contains(self, keys) -> list[bool]:
         have = [False] * len(keys)
-        todo = list(range(len(keys)))
-        ranks = [rank_servers(k, self.servers)[:self.replication] for k in keys]
-        for rnd in range(self.replication):
-            if not todo:
-                break
-            by_server: dict[int, list[int]] = defaultdict(list)
-            for i in todo:
-                by_server[ranks[i][rnd]].append(i)
-            pairs = self._batches(by_server, "exists", keys)
-            self._exchange([r for r, _ in pairs])
-            for r, part in pairs:
-                if r.reply is not None and r.reply.ok:
-                    for i, found in zip(part, r.reply.found):
-                        have[i] = have[i] or found
-            todo = [i for i in todo if not have[i]]
+
+        def seen(r: _Request) -> None:
+            for i, found in zip(r.idx, r.reply.found):
+                have[i] = have[i] or found
+
+        self._rounds(keys, "exists", seen, have)
         return have
 
     def discard(self, keys, slots) -> None:
-        if not keys:
-            return
         by_server: dict[int, list[int]] = defaultdict(list)
         for i, k in enumerate(keys):
             for s in rank_servers(k, self.servers)[:self.replication]:
                 by_server[s].append(i)
-        self._exchange([r for r, _ in self._batches(by_server, "delete", keys)])
+        self._exchange(self._requests(by_server, "delete"), keys)
 
     def ping(self, op: str = "health") -> list[dict | None]:
         """Each server's health (or stats) body, None where it did not answer."""
-        reqs = [_Request(s, op, []) for s in range(len(self.servers))]
-        self._exchange(reqs)
-        return [r.reply.body if r.reply is not None and r.reply.ok else None for r in reqs]
+        bodies: list[dict | None] = [None] * len(self.servers)
+
+        def keep(r: _Request) -> None:
+            bodies[r.server] = r.reply.body
+
+        self._exchange([_Request(s, op, [], 0, keep) for s in range(len(self.servers))], [])
+        return bodies
 
     def stats(self) -> dict:
         d = super().stats()
