@@ -48,7 +48,8 @@ def _connector_state(llm) -> tuple[dict | None, dict | None]:
     if conn is None or getattr(conn, "scheduler", None) is None:
         return None, None
     sched = conn.scheduler
-    return dict(sched.totals.data), sched.cache.stats()
+    totals = dict(sched.totals.data, block_bytes=sched.geometry.block_bytes)
+    return totals, sched.cache.stats()
 
 
 def main(spec_path: str, out_path: str) -> None:

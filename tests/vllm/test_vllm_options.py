@@ -1,0 +1,79 @@
+"""Connector settings: every mistake is a ConfigError naming the key (no engine needed)."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from kvtier.errors import ConfigError
+
+pytestmark = pytest.mark.vllm
+
+
+def _opts(extra):
+    from kvtier.integrations.vllm.options import ConnectorOptions
+    return ConnectorOptions.from_extra_config(extra)
+
+
+def test_defaults():
+    o = _opts({})
+    assert o.load_mode == "async" and o.is_async
+    assert o.cache.host.capacity_bytes == 1 << 30 and o.cache.disk is None
+
+
+def test_inline_cache_sections_are_parsed():
+    o = _opts({"load_mode": "sync", "host": {"capacity_bytes": "64MiB"}, "lease_timeout_s": 5})
+    assert not o.is_async and o.cache.host.capacity_bytes == 64 << 20 and o.cache.lease_timeout_s == 5
+
+
+@pytest.mark.parametrize("extra, key", [
+    ({"no_such": 1}, "kv_connector_extra_config.no_such"),
+    ({"load_mode": "later"}, "kv_connector_extra_config.load_mode"),
+    ({"load_timeout_s": 0}, "kv_connector_extra_config.load_timeout_s"),
+    ({"tenant": ""}, "kv_connector_extra_config.tenant"),
+    ({"min_load_blocks": 0}, "kv_connector_extra_config.min_load_blocks"),
+    ({"host": {"capacity_bytes": "lots"}}, "kv_connector_extra_config.host.capacity_bytes"),
+    ({"host": {"capacity": 1}}, "kv_connector_extra_config.host.capacity"),
+    ({"disk": {"capacity_bytes": "1GiB"}}, "kv_connector_extra_config.disk.path"),
+    ({"gpu": {"capacity_bytes": "1GiB"}}, "kv_connector_extra_config.gpu"),
+    ({"config_file": "/nonexistent/kvtier.yaml"}, "config file"),
+])
+def test_bad_settings_name_the_key(extra, key):
+    with pytest.raises(ConfigError) as e:
+        _opts(extra)
+    assert e.value.key == key
+    assert key in str(e.value)
+
+
+def test_missing_optional_dependency_names_the_extra(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lmdb" else real(name, *a))
+    with pytest.raises(ConfigError) as e:
+        _opts({"disk": {"path": str(tmp_path)}})
+    assert e.value.key == "kv_connector_extra_config.disk"
+    assert "kvtier[disk]" in str(e.value)
+
+
+def test_host_capacity_below_one_block_is_refused():
+    from kvtier.integrations.vllm.shm import host_geometry
+    o = _opts({"host": {"capacity_bytes": 4096}})
+    with pytest.raises(ConfigError) as e:
+        host_geometry(o.cache, block_bytes=32768)
+    assert e.value.key == "kv_connector_extra_config.host.capacity_bytes"
+    assert host_geometry(_opts({"host": {"capacity_bytes": 1 << 20}}).cache, 32768) == (32768, 32)
+
+
+def test_shared_arena_is_one_memory_for_two_mappings(tmp_path, monkeypatch):
+    from kvtier.integrations.vllm import shm
+    path = str(tmp_path / "arena")
+    a = shm.SharedArena.create(path, 1 << 16)
+    b = shm.SharedArena.attach(path, 1 << 16)
+    a.array[100:104] = [1, 2, 3, 4]
+    assert list(b.array[100:104]) == [1, 2, 3, 4]
+    with pytest.raises(Exception):
+        shm.SharedArena.attach(path, 1 << 17)
+    a.unlink()
+    b.array[0] = 9                      # still mapped after unlink
+    assert a.array[0] == 9
+    a.close()
+    b.close()
