@@ -25,6 +25,7 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -87,8 +88,14 @@ def run(args) -> list[dict]:
             tier = _open_tier(work, bb, n, args.durability)
             try:
                 for qd in depths:
-                    raw = _raw(work, src, dst, n, bb, qd, repeat)
-                    got = _tier(tier, src, dst, n, bb, qd, repeat)
+                    raw_io, tier_io = _raw(work, src, dst, n, bb, qd), _tier(tier, src, dst, n, bb, qd)
+                    raw, got = {}, {}
+                    for op in ("write", "read"):     # alternate the two paths: same load on both
+                        t = _interleaved({"raw": raw_io[op], "tier": tier_io[op]}, repeat)
+                        raw[op], got[op] = n * bb / t["raw"], n * bb / t["tier"]
+                    raw_io["close"]()
+                    if not np.array_equal(src, dst):
+                        raise RuntimeError("disk tier returned different bytes during the benchmark")
                     for op in ("write", "read"):
                         peak = raw[op]
                         rows.append(row("disk", f"raw {op} {_label(bb)} qd{qd}", n * bb, n * bb / peak,
@@ -121,7 +128,20 @@ def _open_tier(work: str, bb: int, n: int, durability: str):
                     namespace=Namespace("bench-disk", 16), slab_bytes=1 << 30, durability=durability)
 
 
-def _tier(tier, src, dst, n: int, bb: int, qd: int, repeat: int) -> dict[str, float]:
+def _interleaved(fns: dict, repeat: int) -> dict[str, float]:
+    """Median seconds of each function, runs alternating (after one warm-up run each)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _tier(tier, src, dst, n: int, bb: int, qd: int) -> dict:
     tier.io_threads = qd
     keys = [i.to_bytes(16, "little") for i in range(n)]
     slots = getattr(tier, "_bench_slots", None) or tier.allocate(n)
@@ -138,15 +158,10 @@ def _tier(tier, src, dst, n: int, bb: int, qd: int, repeat: int) -> dict[str, fl
         for i in range(0, n, qd):
             if not all(tier.read(keys[i:i + qd], slots[i:i + qd], dsts[i:i + qd])):
                 raise RuntimeError("disk tier read failed during the benchmark")
-    tw = median_time(write, repeat=repeat)
-    dst[:] = 0
-    tr = median_time(read, repeat=repeat)
-    if not np.array_equal(src, dst):
-        raise RuntimeError("disk tier returned different bytes during the benchmark")
-    return {"write": n * bb / tw, "read": n * bb / tr}
+    return {"write": write, "read": read}
 
 
-def _raw(work: str, src, dst, n: int, bb: int, qd: int, repeat: int) -> dict[str, float]:
+def _raw(work: str, src, dst, n: int, bb: int, qd: int) -> dict:
     from kvtier import _native
     path = os.path.join(work, f"raw-{bb}")
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_DIRECT", 0)
@@ -154,26 +169,22 @@ def _raw(work: str, src, dst, n: int, bb: int, qd: int, repeat: int) -> dict[str
         fd = os.open(path, flags, 0o644)
     except OSError:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)   # no O_DIRECT here: buffered, like the tier
-    try:
-        if os.fstat(fd).st_size < n * bb:
-            os.posix_fallocate(fd, 0, n * bb)
-        offs = np.arange(n, dtype=np.int64) * bb
-        saddr = src.ctypes.data + offs.astype(np.uint64)
-        daddr = dst.ctypes.data + offs.astype(np.uint64)
-        lens = np.full(n, bb, dtype=np.uint64)
+    if os.fstat(fd).st_size < n * bb:
+        os.posix_fallocate(fd, 0, n * bb)
+    offs = np.arange(n, dtype=np.int64) * bb
+    saddr = src.ctypes.data + offs.astype(np.uint64)
+    daddr = dst.ctypes.data + offs.astype(np.uint64)
+    lens = np.full(n, bb, dtype=np.uint64)
 
-        def io(fn, addrs):
-            def go():
-                for i in range(0, n, qd):
-                    res = fn(fd, offs[i:i + qd], addrs[i:i + qd], lens[i:i + qd], qd)
-                    if (res != bb).any():
-                        raise RuntimeError(f"raw I/O failed: {res.tolist()}")
-            return go
-        tw = median_time(io(_native.pwrite_spans, saddr), repeat=repeat)
-        tr = median_time(io(_native.pread_spans, daddr), repeat=repeat)
-    finally:
-        os.close(fd)
-    return {"write": n * bb / tw, "read": n * bb / tr}
+    def io(fn, addrs):
+        def go():
+            for i in range(0, n, qd):
+                res = fn(fd, offs[i:i + qd], addrs[i:i + qd], lens[i:i + qd], qd)
+                if (res != bb).any():
+                    raise RuntimeError(f"raw I/O failed: {res.tolist()}")
+        return go
+    return {"write": io(_native.pwrite_spans, saddr), "read": io(_native.pread_spans, daddr),
+            "close": lambda: os.close(fd)}
 
 
 def _safetensors(work: str, src, dst, n: int, bb: int, repeat: int) -> dict[str, float]:

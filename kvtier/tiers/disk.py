@@ -29,6 +29,7 @@ import os
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -115,6 +116,7 @@ class DiskTier(Tier):
         self.writes_off: str | None = None
         self.reads_off: str | None = None
         self._recovered: list[tuple[bytes, int]] = []
+        self._executor: ThreadPoolExecutor | None = None
         readonly = self._open_dir()
         self._lock_fd, self._lock_ino = self._take_lock(readonly)
         try:
@@ -301,14 +303,12 @@ class DiskTier(Tier):
             if s.nbytes != self.block_bytes:
                 raise ValueError(f"{self.name}: a block has {s.nbytes} bytes, expected {self.block_bytes}")
         addrs = [address(s) for s in srcs]
-        crcs = _native.crc32c_spans(np.array(addrs, dtype=np.uint64),
-                                    np.full(n, self.block_bytes, dtype=np.uint64), self.io_threads)
         body, tail = g.body_bytes, g.tail_bytes
+        rem = self.block_bytes - body
         tails = _native.alloc_aligned(n * tail)
         keep = []                            # bounce buffers alive until the I/O returns
-        plan = _Spans()
-        seqs = [0] * n
-        for i, (key, slot, src) in enumerate(zip(keys, slots, srcs)):
+        bodies, heads = _Spans(), _Spans()
+        for i, (slot, src) in enumerate(zip(slots, srcs)):
             slab = g.slab_of(slot)
             fd = self._files.ensure(slab)
             if fd is None:
@@ -322,21 +322,33 @@ class DiskTier(Tier):
                     _native.memcpy(b, src[:body])
                     keep.append(b)
                     a = b.ctypes.data
-                plan.add(i, slab, fd, off, a, body)
+                bodies.add(i, slab, fd, off, a, body)
             t = tails[i * tail:(i + 1) * tail]
-            rem = self.block_bytes - body
             if rem:
                 _native.memcpy(t[:rem], src[body:])
-            with self._lock:
-                seqs[i] = self._seq
-                self._seq += 1
-            t[rem:rem + HEADER_BYTES] = np.frombuffer(
-                pack_header(key, self.salt, self.block_bytes, int(crcs[i]), seqs[i]), dtype=np.uint8)
-            plan.add(i, slab, fd, off + body, t.ctypes.data, tail)
-        if not plan:
+            heads.add(i, slab, fd, off + body, t.ctypes.data, tail)
+        if not heads:
             self._counts["write_failures"] += n
             return ok
-        res = _native.pwrite_spans(*plan.arrays(), self._threads(plan))
+        # whole pages go out while the checksums are computed; the header pages follow
+        pending = self._pool().submit(_native.pwrite_spans, *bodies.arrays(), self._threads(bodies)) \
+            if bodies else None
+        try:
+            crcs = _native.crc32c_spans(np.array(addrs, dtype=np.uint64),
+                                        np.full(n, self.block_bytes, dtype=np.uint64), self.io_threads)
+            seqs = [0] * n
+            with self._lock:
+                for i in heads.block:
+                    seqs[i] = self._seq
+                    self._seq += 1
+            for i in heads.block:
+                tails[i * tail + rem:i * tail + rem + HEADER_BYTES] = np.frombuffer(
+                    pack_header(keys[i], self.salt, self.block_bytes, int(crcs[i]), seqs[i]), dtype=np.uint8)
+            res_heads = _native.pwrite_spans(*heads.arrays(), self._threads(heads))
+        finally:
+            res_bodies = pending.result() if pending is not None else np.zeros(0, dtype=np.int64)
+        plan = bodies + heads
+        res = np.concatenate([res_bodies, res_heads])
         good = self._outcome(plan, res, "write")
         if self.durability != "none":
             for slab in self._files.sync({plan.slab[j] for j in range(len(plan)) if good[plan.block[j]]}):
@@ -435,8 +447,16 @@ class DiskTier(Tier):
         return ok
 
     def _threads(self, plan: "_Spans") -> int:
-        """Each block is two spans (whole pages, then tail + header): both in flight at once."""
+        """Reads: each block is two spans (whole pages, tail + header), both in flight at once."""
         return max(1, min(len(plan), 2 * self.io_threads))
+
+    def _pool(self) -> ThreadPoolExecutor:
+        """A thread that waits on page writes while the caller's thread checksums."""
+        if self._executor is None:
+            with self._lock:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(2, thread_name_prefix=f"kvtier-{self.name}")
+        return self._executor
 
     # ---- failure handling ----------------------------------------------------------
     def _outcome(self, plan: "_Spans", res: np.ndarray, what: str) -> dict[int, bool]:
@@ -554,6 +574,9 @@ class DiskTier(Tier):
                 pass
             self.index.close()
             self.index = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
         self._files.close()
         self._release_lock()
 
@@ -579,6 +602,12 @@ class _Spans:
 
     def __len__(self) -> int:
         return len(self.block)
+
+    def __add__(self, other: "_Spans") -> "_Spans":
+        out = _Spans()
+        for name in ("block", "slab", "fd", "off", "addr", "length"):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        return out
 
     def arrays(self):
         return (np.array(self.fd, dtype=np.int32), np.array(self.off, dtype=np.int64),
