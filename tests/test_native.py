@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 POISON = 0xA5
 CHECK_VECTOR = 0xE3069283  # CRC32C of b"123456789"
 
-native_only = pytest.mark.skipif(not _native.NATIVE, reason="native extension not built")
+native_only = pytest.mark.skipif(not _native.NATIVE,
+                                 reason="native extension not in use (not built, or KVTIER_NATIVE=off)")
 BACKENDS = [
     pytest.param(_reference, id="reference"),
     pytest.param(_native, id="native", marks=native_only),
