@@ -2,26 +2,28 @@
 
 Each resident block has a priority; the lowest is evicted first:
 
-    priority = clock / capacity + freq_weight * log2(freq) - depth_weight * log2(pos + 1)
+    priority = (clock - pos) / capacity + w * log2(freq) - d * log2(pos + 1)
 
-* ``clock / capacity`` is recency measured in cache turnovers (the clock
-  ticks once per insert or hit), so the weights mean the same thing at
-  every capacity: a block seen twice outlives a one-hit block by
-  ``freq_weight`` turnovers, a block seen four times by twice that.
+* ``(clock - pos) / capacity`` is recency in cache turnovers.  The clock
+  ticks once per insert or hit; subtracting the block's depth ``pos`` gives
+  every block of one request the same time, so within a request the deeper
+  blocks (the leaves) go first: a block is useful only while every block
+  before it is resident.
 * ``freq`` counts every insert and hit of the key, remembered across
   evictions in a bounded ghost table (``ghost_factor * capacity`` keys,
-  least recently seen forgotten first) and capped at ``max_freq``, so a
-  block that was hot long ago cannot squat forever.
-* The depth term evicts leaves before their ancestors: a block at depth
-  ``pos`` is useful only while every block before it is resident, and deep
-  blocks belong to long prompts whose blocks are, per block, reused less.
-  Among equal priorities the deeper block goes first.
-
-On KV prefix traffic most blocks are seen once (long unique prompt tails),
-a minority is seen again and again (system prompts, documents, the history of
-a conversation that keeps going).  Plain LRU lets every one-hit tail push those
-out; this policy keeps them for a few turnovers more per doubling of their
-count, which is what the Mooncake conversation trace rewards.
+  least recently evicted forgotten first) and capped at ``max_freq``.
+* ``w`` is learned, not fixed: the policy measures how often a block seen
+  once comes back (``p_first``) and how often a block seen twice or more
+  does (``p_repeat``), over the keys it still remembers, with exponential
+  forgetting.  ``w = gain * log2(p_repeat / p_first)``, clipped to
+  ``[0, freq_weight]``.  Where frequency predicts reuse (shared system
+  prompts, documents, the Mooncake conversation trace: 0.25 vs 0.62) blocks
+  seen often outlive one-hit tails by ``w`` turnovers per doubling; where it
+  does not (pure multi-turn chat, where the newest turn is as likely to come
+  back as the oldest), ``w`` falls to 0 and the policy is LRU.
+* ``d = depth_weight * w / freq_weight`` evicts deep blocks a little earlier:
+  they belong to long prompts whose blocks are, per block, reused less.  It
+  scales with ``w`` so the policy stays plain LRU where frequency says nothing.
 """
 from __future__ import annotations
 
@@ -39,17 +41,25 @@ class PrefixAware(EvictionPolicy):
     name = "prefix"
 
     def __init__(self, capacity: int, freq_weight: float = 3.0, depth_weight: float = 0.3,
-                 max_freq: int = 64, ghost_factor: int = 4):
+                 gain: float = 4.5, max_freq: int = 64, ghost_factor: int = 4):
         super().__init__(capacity)
-        for key, value in (("freq_weight", freq_weight), ("depth_weight", depth_weight)):
+        for key, value in (("freq_weight", freq_weight), ("depth_weight", depth_weight), ("gain", gain)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"prefix.{key}", value, "a non-negative number")
         for key, value in (("max_freq", max_freq), ("ghost_factor", ghost_factor)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"prefix.{key}", value, "a positive int")
-        self.freq_weight = float(freq_weight)
-        self.depth_weight = float(depth_weight)
+        self.max_freq_weight = float(freq_weight)
+        self.max_depth_weight = float(depth_weight)
+        self.gain = float(gain)
+        self.freq_weight = 0.0                  # learned: starts as LRU
+        self.depth_weight = 0.0
         self.max_freq = max_freq
+        # reuse statistics: [first-time blocks, repeat blocks]; seen, came back
+        self._seen = [1.0, 1.0]
+        self._back = [0.25, 0.25]
+        self._events = 0
+        self._forget_every = 8 * capacity
         self._ghost_max = ghost_factor * capacity
         self._clock = 0
         self._seq = itertools.count()
@@ -59,10 +69,33 @@ class PrefixAware(EvictionPolicy):
 
     # ---- priority ----------------------------------------------------------------
     def _priority(self, pos: int, freq: int) -> float:
-        return (self._clock / self.capacity + self.freq_weight * math.log2(freq)
+        return ((self._clock - pos) / self.capacity + self.freq_weight * math.log2(freq)
                 - self.depth_weight * math.log2(pos + 1))
 
-    def _set(self, key: bytes, pos: int, freq: int) -> None:
+    @property
+    def reuse_probabilities(self) -> tuple[float, float]:
+        """(p_first, p_repeat): how often a block seen once / more than once came back."""
+        return self._back[0] / self._seen[0], self._back[1] / self._seen[1]
+
+    def _learn(self, prev_freq: int, freq: int) -> None:
+        """``prev_freq`` (0: unknown) was the key's count when last seen; it is back now."""
+        if prev_freq:
+            self._back[0 if prev_freq == 1 else 1] += 1.0
+        self._seen[0 if freq == 1 else 1] += 1.0
+        self._events += 1
+        if self._events % 256 == 0:
+            p_first, p_repeat = self.reuse_probabilities
+            w = self.gain * math.log2(max(p_repeat, 1e-9) / max(p_first, 1e-9))
+            self.freq_weight = min(self.max_freq_weight, max(0.0, w))
+            self.depth_weight = self.max_depth_weight * (
+                self.freq_weight / self.max_freq_weight if self.max_freq_weight else 0.0)
+        if self._events % self._forget_every == 0:
+            for i in (0, 1):
+                self._seen[i] *= 0.5
+                self._back[i] *= 0.5
+
+    def _set(self, key: bytes, pos: int, freq: int, prev_freq: int) -> None:
+        self._learn(prev_freq, freq)
         self._clock += 1
         pr = self._priority(pos, freq)
         self._resident[key] = (pr, pos, freq)
@@ -90,13 +123,13 @@ class PrefixAware(EvictionPolicy):
             freq = old[2]
         else:
             freq = self._ghost.pop(key, 0)
-        self._set(key, pos, min(freq + 1, self.max_freq))
+        self._set(key, pos, min(freq + 1, self.max_freq), freq)
 
     def access(self, key: bytes, pos: int = 0) -> None:
         old = self._resident.get(key)
         if old is None:
             return
-        self._set(key, pos, min(old[2] + 1, self.max_freq))
+        self._set(key, pos, min(old[2] + 1, self.max_freq), old[2])
 
     def remove(self, key: bytes) -> None:
         self._resident.pop(key, None)       # its heap entries go stale
