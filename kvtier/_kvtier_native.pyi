@@ -5,7 +5,7 @@ the extension returns bytearrays) and falls back to kvtier._reference.
 Address, length and offset arguments are 1-D contiguous numpy arrays: uint64
 addresses and lengths, int64 or uint64 offsets, int32 or int64 fds (or one int).
 """
-from collections.abc import Buffer
+from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
 
 import numpy as np
 import numpy.typing as npt
