@@ -100,8 +100,10 @@ _ACCESS_ORDER_STREAM = 1
 _FLAG_PREFER_OVERLAP_WITH_COMPUTE = 1
 
 
-def _cudart() -> ctypes.CDLL | None:
+def _cudart(path: str | None = None) -> ctypes.CDLL | None:
     """The CUDA runtime library this process already loaded (torch's), or one on the path."""
+    if path is not None:
+        return ctypes.CDLL(path)
     paths = []
     try:
         with open("/proc/self/maps") as f:
@@ -129,8 +131,8 @@ class BatchMemcpy:
         self._idx = (ctypes.c_size_t * 1)(0)
 
     @classmethod
-    def load(cls) -> "BatchMemcpy | None":
-        lib = _cudart()
+    def load(cls, path: str | None = None) -> "BatchMemcpy | None":
+        lib = _cudart(path)
         if lib is None or not hasattr(lib, "cudaMemcpyBatchAsync"):
             return None
         v = ctypes.c_int(0)

@@ -313,3 +313,26 @@ def test_kernel_refuses_pageable_host_memory():
     t = KVCopier(lay, "auto").store([1, 2], addrs)                   # auto falls back quietly
     assert t.wait(30) and t.ok and t.mechanism == "dma"
     np.testing.assert_array_equal(buf.reshape(2, -1), gpu_ref.gather_blocks(src, bd, [1, 2]).cpu().numpy())
+
+
+CUDART = sorted(__import__("glob").glob("/usr/local/cuda*/lib64/libcudart.so.1[2-9]*"))
+
+
+@pytest.mark.skipif(not CUDART, reason="no CUDA runtime library installed")
+def test_batch_memcpy_binding_matches_the_runtime():
+    """The ctypes binding loads, picks the signature of the runtime's version, and calls through.
+
+    Without a GPU the call must come back with an error code, not crash.
+    """
+    from kvtier._cuda import BatchMemcpy, _MemcpyAttributes
+    import ctypes
+    assert ctypes.sizeof(_MemcpyAttributes) == 24          # enum + 2 x cudaMemLocation + flags
+    b = BatchMemcpy.load(CUDART[0])
+    assert b is not None and b.version >= 12080
+    assert b._fail == (b.version < 13000)
+    if torch.cuda.is_available():
+        return                     # on a GPU the round-trip tests drive it on real streams
+    src = np.arange(64, dtype=np.uint8)
+    dst = np.zeros(64, dtype=np.uint8)
+    addrs = lambda a: np.array([a.ctypes.data, a.ctypes.data + 32], dtype=np.uint64)
+    assert b(addrs(dst), addrs(src), np.array([32, 32], dtype=np.uint64), 0) != 0
