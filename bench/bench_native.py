@@ -11,12 +11,11 @@ Each row names its baseline (``peak_case``), measured in the same run:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
 
-from .common import median_time, row, table
+from .common import emit, median_time, row
 
 SUITE = "native"
 MiB = 1 << 20
@@ -85,24 +84,24 @@ def crc_cases(sizes: list[int], repeat: int) -> list[dict]:
     return rows
 
 
-def run(quick: bool = False) -> list[dict]:
-    repeat = 3 if quick else 11
-    total = 16 * MiB if quick else 64 * MiB
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="16 MiB and 3 repetitions")
+
+
+def run(args) -> list[dict]:
+    """The suite interface of ``kvtier bench``: rows for the table and JSON lines."""
+    repeat = 3 if args.quick else 11
+    total = 16 * MiB if args.quick else 64 * MiB
     return (memcpy_cases(total, repeat) + copy_spans_cases(total, repeat)
             + crc_cases([MiB, total], repeat))
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="16 MiB and 3 repetitions")
-    p.add_argument("--json", help="append JSON lines here")
+    add_arguments(p)
+    p.add_argument("--json", metavar="PATH", help="append results as JSON lines to PATH")
     args = p.parse_args(argv)
-    rows = run(args.quick)
-    print(table(rows))
-    if args.json:
-        with open(args.json, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    emit(run(args), args.json)
     return 0
 
 
