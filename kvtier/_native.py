@@ -6,6 +6,9 @@ persistent thread pool, GIL released) and in :mod:`kvtier._reference`.
 
 Ops:
     copy_spans(src_addrs, dst_addrs, lengths, threads=None)   gather/scatter copies
+        (sources may overlap; a destination must not overlap another span's
+        source or destination: spans run in parallel. A span whose own source
+        and destination overlap is rejected.)
     memcpy(dst, src, threads=None)                           one big host copy
     crc32c(buf, value=0) -> int                              block checksum, chainable
     crc32c_spans(addrs, lengths, threads=None) -> uint32[]   one checksum per span
