@@ -1,0 +1,171 @@
+"""What a replay means: hit ratios against the bounds, bytes per tier, prefill time saved.
+
+:func:`summarize` turns a :class:`~kvtier.replay.sim.ReplayResult` plus the
+offline bounds (infinite cache, Belady and LRU at the same host capacity) into
+one flat dict: the JSON line of ``kvtier replay --json`` and the source of the
+text and Markdown tables.
+
+Prefill time saved is an estimate: every hit block saves ``block_tokens *
+prefill_ms_per_token`` of compute and costs ``logical_block_bytes /
+bandwidth`` of loading from its tier; the net is reported per tier, so a tier
+too slow to be worth loading from shows up as a negative number.  Bandwidths
+are given, or measured here: host by the native memcpy, disk by reading back a
+file written with fsync after dropping it from the page cache.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+from .belady import belady_hits, infinite_hits
+from .sim import ReplayResult, simulate
+from .trace import Trace
+
+
+def bounds(trace: Trace, capacity_blocks: int, *, belady: bool = True, lru: bool = True) -> dict:
+    """Offline references at ``capacity_blocks``: infinite, Belady, LRU hit ratios."""
+    n = max(trace.num_blocks, 1)
+    out = {"infinite": infinite_hits(trace) / n}
+    if belady:
+        out["belady"] = belady_hits(trace, capacity_blocks) / n
+    if lru:
+        out["lru"] = simulate(trace, "lru", capacity_blocks) / n
+    return out
+
+
+def measure_host_gbps(nbytes: int = 256 << 20, repeat: int = 5) -> float:
+    """Host memory bandwidth: median native memcpy of ``nbytes``."""
+    from .. import _native
+    src = np.ones(nbytes, dtype=np.uint8)
+    dst = np.empty_like(src)
+    _native.memcpy(dst, src)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        _native.memcpy(dst, src)
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def measure_disk_gbps(directory: str | None = None, nbytes: int = 256 << 20, chunk: int = 4 << 20) -> float:
+    """Read bandwidth of the disk under ``directory``, page cache dropped first (best effort)."""
+    buf = np.random.default_rng(0).integers(0, 256, chunk, dtype=np.uint8).tobytes()
+    fd, path = tempfile.mkstemp(prefix="kvtier-bw-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb", buffering=0) as f:
+            for _ in range(nbytes // chunk):
+                f.write(buf)
+            os.fsync(f.fileno())
+        rfd = os.open(path, os.O_RDONLY)
+        try:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(rfd, 0, 0, os.POSIX_FADV_DONTNEED)
+            t0 = time.perf_counter()
+            got = 0
+            while True:
+                b = os.read(rfd, chunk)
+                if not b:
+                    break
+                got += len(b)
+            dt = time.perf_counter() - t0
+        finally:
+            os.close(rfd)
+    finally:
+        os.unlink(path)
+    return got / dt / 1e9
+
+
+def prefill_saved(res: ReplayResult, prefill_ms_per_token: float, gbps: dict[str, float | None]) -> dict:
+    """Per tier and in total: compute seconds saved, load seconds spent, net."""
+    cfg = res.config
+    out: dict = {}
+    total = 0.0
+    for name in cfg.tier_names:
+        hits = res.hit_blocks.get(name, 0)
+        compute = hits * cfg.block_tokens * prefill_ms_per_token / 1000.0
+        bw = gbps.get(name)
+        load = hits * cfg.logical_block_bytes / (bw * 1e9) if bw else None
+        net = compute - load if load is not None else None
+        out[name] = {"compute_s": compute, "load_s": load, "net_s": net, "gbps": bw}
+        total += net if net is not None else compute
+    recompute_all = res.num_blocks * cfg.block_tokens * prefill_ms_per_token / 1000.0
+    out["total_net_s"] = total
+    out["prefill_without_cache_s"] = recompute_all
+    out["fraction_saved"] = total / recompute_all if recompute_all else 0.0
+    return out
+
+
+def summarize(res: ReplayResult, refs: dict | None = None, prefill: dict | None = None) -> dict:
+    """One flat dict describing a replay."""
+    cfg = res.config
+    d = {
+        "trace": res.trace, "requests": res.num_requests, "blocks": res.num_blocks,
+        "mode": cfg.mode, "policy": cfg.policy, "lower_policy": cfg.lower_policy,
+        "capacities_tokens": dict(zip(cfg.tier_names, cfg.capacities_tokens)),
+        "kv_bytes_per_token": cfg.kv_bytes_per_token,
+        "hit_ratio": res.hit_ratio,
+        "tiers": {n: {"hit_ratio": res.tier_hit_ratio(n), "hit_blocks": res.hit_blocks.get(n, 0),
+                      "bytes_written": res.bytes_written.get(n, 0), "bytes_read": res.bytes_read.get(n, 0)}
+                  for n in cfg.tier_names},
+        "failed_loads": res.failed_loads, "seconds": res.seconds,
+    }
+    if cfg.mode == "bytes":
+        d["verified_blocks"] = res.verified_blocks
+        d["bad_blocks"] = res.bad_blocks
+    if refs:
+        d["bounds"] = dict(refs)
+        inf = refs.get("infinite")
+        if inf:
+            d["fraction_of_infinite"] = res.hit_ratio / inf
+        if "belady" in refs:
+            d["gap_to_belady"] = refs["belady"] - res.hit_ratio
+    if prefill:
+        d["prefill"] = prefill
+    return d
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.1f} GB"
+
+
+def format_text(s: dict) -> str:
+    """A human-readable report of :func:`summarize`'s dict."""
+    caps = ", ".join(f"{k} {v / 1e6:g}M tokens" for k, v in s["capacities_tokens"].items())
+    lines = [f"{s['trace']}: {s['requests']} requests, {s['blocks']} full blocks; {caps}; "
+             f"policy {s['policy']} (lower tiers {s['lower_policy']}); mode {s['mode']}; {s['seconds']:.1f} s"]
+    lines.append(f"{'tier':<8}{'hit ratio':>10}{'written':>14}{'read':>14}")
+    for name, t in s["tiers"].items():
+        lines.append(f"{name:<8}{t['hit_ratio']:>10.4f}{_gb(t['bytes_written']):>14}{_gb(t['bytes_read']):>14}")
+    lines.append(f"{'total':<8}{s['hit_ratio']:>10.4f}")
+    b = s.get("bounds")
+    if b:
+        ref = "  ".join(f"{k} {v:.4f}" for k, v in b.items())
+        lines.append(f"bounds at the host capacity: {ref}")
+        if "fraction_of_infinite" in s:
+            lines.append(f"fraction of the infinite bound: {s['fraction_of_infinite']:.3f}")
+    if s["mode"] == "bytes":
+        lines.append(f"bytes verified: {s['verified_blocks']} hit blocks, {s['bad_blocks']} wrong")
+    p = s.get("prefill")
+    if p:
+        for name in s["tiers"]:
+            t = p[name]
+            bw = f"{t['gbps']:.2f} GB/s" if t["gbps"] else "unknown bandwidth"
+            load = f"{t['load_s']:.1f}" if t["load_s"] is not None else "?"
+            lines.append(f"prefill {name}: {t['compute_s']:.1f} s of compute saved, {load} s loading at {bw}")
+        lines.append(f"prefill saved: {p['total_net_s']:.1f} s of {p['prefill_without_cache_s']:.1f} s "
+                     f"({100 * p['fraction_saved']:.1f}%)")
+    return "\n".join(lines)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) < 10 else f"{v:,.1f}"
+        return "-" if v is None else str(v)
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(out)
