@@ -215,7 +215,7 @@ def run_interference(torch, dev, case: Case, mechs, peak, n: int, rounds: int = 
     k = 20
     compute = torch.cuda.current_stream(dev)
 
-    def matmuls() -> float:
+    def matmuls():
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         e0.record(compute)
         for _ in range(k):

@@ -123,8 +123,9 @@ def _cudart(path: str | None = None) -> ctypes.CDLL | None:
 class BatchMemcpy:
     """cudaMemcpyBatchAsync(dsts, srcs, sizes, count, attrs, attrIdxs, numAttrs[, failIdx], stream)."""
 
-    def __init__(self, fn, with_fail_idx: bool, version: int):
+    def __init__(self, fn, with_fail_idx: bool, version: int, clear_error=None):
         self._fn = fn
+        self._clear = clear_error
         self._fail = with_fail_idx
         self.version = version
         self._attrs = _MemcpyAttributes(_ACCESS_ORDER_STREAM, 0, 0, 0, 0, _FLAG_PREFER_OVERLAP_WITH_COMPUTE)
@@ -143,7 +144,7 @@ class BatchMemcpy:
         p = ctypes.c_void_p
         args = [p, p, p, ctypes.c_size_t, p, p, ctypes.c_size_t]
         fn.argtypes = args + ([p] if v.value < 13000 else []) + [p]
-        return cls(fn, v.value < 13000, v.value)
+        return cls(fn, v.value < 13000, v.value, lib.cudaGetLastError)
 
     def __call__(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: int) -> int:
         args = [dsts.ctypes.data, srcs.ctypes.data, sizes.ctypes.data, sizes.size,
@@ -151,7 +152,10 @@ class BatchMemcpy:
         if self._fail:
             fail = ctypes.c_size_t(0)
             args.append(ctypes.addressof(fail))
-        return self._fn(*args, stream)
+        status = self._fn(*args, stream)
+        if status != 0 and self._clear is not None:
+            self._clear()       # this may be torch's runtime: leave no error for its next launch check
+        return status
 
 
 # ---- transfers ------------------------------------------------------------------------
@@ -164,8 +168,15 @@ class CudaTransfer(Transfer):
         self._rt = runtime
         self._start, self._end = start, end
         self._keep = keep                   # tables the device still reads until the end event
+        self._lock = threading.Lock()       # done() may release the events while another thread waits
 
     def done(self) -> bool:
+        if self.ok is not None:
+            return True
+        with self._lock:
+            return self._poll()
+
+    def _poll(self) -> bool:
         if self.ok is not None:
             return True
         status = self._rt.eventQuery(self._end)
@@ -191,12 +202,13 @@ class CudaTransfer(Transfer):
         return True
 
     def wait_on_stream(self, stream=None) -> None:
-        if self.ok is not None:
-            return                          # already complete: nothing to order
         if stream is None:
             import torch
             stream = torch.cuda.current_stream().cuda_stream
-        self._rt.streamWaitEvent(stream if isinstance(stream, int) else stream.cuda_stream, self._end, 0)
+        with self._lock:
+            if self.ok is not None:
+                return                      # already complete: nothing to order
+            self._rt.streamWaitEvent(stream if isinstance(stream, int) else stream.cuda_stream, self._end, 0)
 
     def _release(self) -> None:
         for ev in (self._start, self._end):
@@ -227,6 +239,7 @@ class DeviceCopier:
         self._module = None
         self._lock = threading.Lock()
         self.batch = BatchMemcpy.load()
+        self.batch_failures = 0
         self.cost = CostModel(("dma", "kernel"))
         log.debug("cuda:%d: %d SMs, cudaMemcpyBatchAsync %s", index, self.sm_count,
                   f"(runtime {self.batch.version})" if self.batch else "unavailable")
@@ -291,9 +304,11 @@ class DeviceCopier:
             status = self.batch(dst, src, lens, stream.ptr)
             if status == 0:
                 return (src, dst, lens)
-            log.warning("cuda:%d: cudaMemcpyBatchAsync failed (error %d); using cudaMemcpyAsync per span",
-                        self.index, status)
-            self.batch = None               # re-issuing every span is safe: copies are idempotent
+            # re-issuing every span below is safe: the copies are idempotent
+            self.batch_failures += 1
+            if self.batch_failures == 1:
+                log.warning("cuda:%d: cudaMemcpyBatchAsync failed (error %d); this transfer and any "
+                            "other it refuses go through cudaMemcpyAsync per span", self.index, status)
         memcpy = self.rt.memcpyAsync
         for s, d, n in zip(src.tolist(), dst.tolist(), lens.tolist()):
             memcpy(d, s, n, _KIND_DEFAULT, stream.ptr)
