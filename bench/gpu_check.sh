@@ -4,8 +4,8 @@
 #   bash bench/gpu_check.sh            # from the repository root, on a machine with CUDA
 #
 # For a machine without network: wheels of lmdb and pyzmq (the disk and remote
-# tiers' dependencies) are taken from ./.whl when that folder exists (see
-# shared/tools/device-wheels.sh).  Everything is written under $OUT (default
+# tiers' dependencies) are taken from ./.whl when that folder exists
+# (`pip download --no-deps --only-binary=:all: -d .whl lmdb pyzmq`).  Everything is written under $OUT (default
 # ./gpu-check-out): env.txt, pytest.log, bench.log, gpu.jsonl.  Each step has
 # its own time limit; the whole script stays under 8 minutes.
 set -uo pipefail
