@@ -21,6 +21,9 @@ reply and the server carries on.  SIGTERM/SIGINT stop it gracefully.
 from __future__ import annotations
 
 import argparse
+import glob
+import hashlib
+import json
 import logging
 import os
 import signal
@@ -88,6 +91,12 @@ def check_bind(endpoint: str, curve: bool) -> str:
     return host
 
 
+def disk_name(namespace: str) -> str:
+    """A directory name for a namespace: readable, and distinct for distinct namespaces."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in namespace)[:64]
+    return f"{safe}-{hashlib.blake2b(namespace.encode(), digest_size=6).hexdigest()}"
+
+
 class NamespaceStore:
     """One namespace's blocks: a TieredCache whose blocks carry a checksum trailer."""
 
@@ -102,8 +111,13 @@ class NamespaceStore:
         self.stored_bytes = block_bytes + TRAILER.size
         disk = None
         if disk_dir:
-            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-            disk = DiskConfig(path=os.path.join(disk_dir, safe), capacity_bytes=disk_bytes)
+            path = os.path.join(disk_dir, disk_name(name))
+            # every block goes to disk as it is stored (clients chose to store it: no admission filter),
+            # so a restarted server still has it
+            disk = DiskConfig(path=path, capacity_bytes=disk_bytes, admission="none", write_mode="through")
+            os.makedirs(disk_dir, exist_ok=True)
+            with open(path + ".json", "w", encoding="utf-8") as f:      # lets a restart reopen it
+                json.dump({"namespace": name, "block_bytes": block_bytes}, f)
         cfg = KVTierConfig(host=HostConfig(capacity_bytes=quota_bytes, pinned="off"), disk=disk,
                            staging_bytes=min(64 << 20, quota_bytes) if disk_dir else 0, transfer_threads=1)
         ns = Namespace(model="kvtier-server", block_tokens=1, tenant=name)
@@ -114,6 +128,7 @@ class NamespaceStore:
         self.cache = TieredCache(tiers, policies, lease_timeout_s=60.0, staging_bytes=cfg.staging_bytes,
                                  transfer_threads=1, namespace=ns)
         self.capacity_bytes = tiers[0].num_slots * tiers[0].slot_bytes
+        self._chunk = max(1, tiers[0].num_slots // 2)     # a put larger than host memory goes in steps
 
     def resident_blocks(self) -> int:
         return self.cache.stats().get(f"{self.cache.tiers[0].name}.resident_blocks", 0)
@@ -127,8 +142,13 @@ class NamespaceStore:
                 good.append(i)
             else:
                 corrupt += 1
-        if not good:
-            return stored, corrupt
+        for c in range(0, len(good), self._chunk):
+            if c and len(self.cache.tiers) > 1:
+                self.cache.flush(5.0)        # backpressure: let the evicted blocks reach the disk
+            self._put(good[c:c + self._chunk], keys, crcs, payloads, stored)
+        return stored, corrupt
+
+    def _put(self, good, keys, crcs, payloads, stored) -> None:
         sub = [keys[i] for i in good]
         h = self.cache.prepare_store(sub, owner="put")
         taken = set(h.positions) if h is not None else set()
@@ -143,10 +163,13 @@ class NamespaceStore:
         for j, i in enumerate(good):
             if j not in taken and self.cache.lookup([sub[j]]).num_blocks:
                 stored[i] = True                     # already held (or a duplicate in this request)
-        return stored, corrupt
 
     def get(self, key: bytes, wait_s: float):
-        """(crc, view, handle) of a stored block, or None; complete_load(handle) when sent."""
+        """(crc, bytes, load handle or None) of a stored block, or None.
+
+        With a handle, the bytes are a view of the leased host slot: complete_load(handle)
+        once they have been sent.
+        """
         h = self.cache.prepare_load([key], owner="get")
         if h is None:
             return None
@@ -161,6 +184,12 @@ class NamespaceStore:
             self.cache.complete_load(h, success=False)
             self.delete([key])
             return None
+        if len(self.cache.tiers) > 1:
+            # blocks promoted from disk need host slots: copy out and release at once, so one
+            # large get cannot pin the whole host tier while its reply is on the wire
+            data = bytes(view[:self.block_bytes])
+            self.cache.complete_load(h)
+            return crc, data, None
         return crc, view[:self.block_bytes], h
 
     def exists(self, keys) -> list[bool]:
@@ -210,6 +239,7 @@ class Server:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 64)            # bounds what clients can queue here
         self.sock.setsockopt(zmq.MAXMSGSIZE, max(limits.max_block_bytes, P.MAX_HEADER_BYTES))
         self.curve = curve_secret is not None
         if self.curve:
@@ -220,6 +250,8 @@ class Server:
             self.close()
             raise ConfigError("--bind", bind, f"an address this machine can listen on ({e})") from e
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if disk_dir:
+            self._reopen(disk_dir)
         self._pending: deque = deque()          # (tracker, store, load handles) of zero-copy sends
         self._leased: tuple = (None, ())        # the current get's (store, load handles)
         self._running = False
@@ -248,6 +280,19 @@ class Server:
         self.sock.curve_secretkey = secret
         self.sock.curve_publickey = public
         self.sock.curve_server = True
+
+    def _reopen(self, disk_dir: str) -> None:
+        """Open the namespaces a previous server left on disk (their blocks are recovered)."""
+        for meta in sorted(glob.glob(os.path.join(glob.escape(disk_dir), "*.json"))):
+            try:
+                with open(meta, encoding="utf-8") as f:
+                    d = json.load(f)
+                ns, bb = d["namespace"], d["block_bytes"]
+                if not isinstance(ns, str) or type(bb) is not int or meta != os.path.join(disk_dir, disk_name(ns) + ".json"):
+                    raise ValueError("unexpected contents")
+                self.open_namespace(ns, bb)
+            except (OSError, ValueError, KeyError, TypeError, P.ProtocolError) as e:
+                log.warning("%s: namespace not reopened: %s", meta, e)
 
     def _describe(self) -> None:
         m = self.metrics
@@ -324,7 +369,8 @@ class Server:
             if got is not None:
                 crcs.append(got[0])
                 payloads.append(got[1])
-                handles.append(got[2])
+                if got[2] is not None:
+                    handles.append(got[2])
         self.metrics.inc("blocks_total", len(payloads), op="get", outcome="hit")
         self.metrics.inc("blocks_total", len(found) - len(payloads), op="get", outcome="miss")
         self.metrics.inc("bytes_out_total", len(payloads) * req.block_bytes)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import signal
 import threading
 import time
 
@@ -207,3 +208,28 @@ def test_lying_or_silent_server_is_a_counted_miss(mode):
     finally:
         t.close()
         liar.close()
+
+
+def test_server_with_disk_holds_more_than_memory_and_survives_restarts(kvservers, tmp_path):  # noqa: F811
+    pytest.importorskip("kvtier.tiers.disk")
+    bb = 16 * 1024
+    srv = kvservers(1, "--quota", str(8 * 20 * 1024), "--disk", str(tmp_path), "--disk-capacity", "4MiB")[0]
+    t = tier([srv], bb=bb, timeout_ms=5000)
+    keys = [k(i) for i in range(40)]                  # five times the server's host memory
+    assert t.write(keys, [0] * 40, [block(x, bb) for x in keys]) == [True] * 40
+    for how in ("graceful", "graceful", "killed"):
+        out = dsts(40, bb)
+        ok = t.read(keys, [0] * 40, out)
+        assert ok == [True] * 40
+        assert all(bytes(o) == block(x, bb) for o, x in zip(out, keys))
+        if how == "killed":
+            srv.kill()                                    # SIGKILL: the disk index is still whole
+        else:
+            srv.kill(signal.SIGTERM)
+            assert srv.proc.returncode == 0
+        srv.start()
+    out = dsts(40, bb)
+    ok = t.read(keys, [0] * 40, out)
+    assert ok == [True] * 40                              # all were on disk before the SIGKILL
+    assert all(bytes(o) == block(x, bb) for o, x in zip(out, keys))
+    t.close()

@@ -6,12 +6,12 @@ fixture that started it; ports are free loopback ports picked by the kernel.
 from __future__ import annotations
 
 import os
-import selectors
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -49,29 +49,29 @@ class ServerProc:
     def start(self, expect_ok: bool = True) -> "ServerProc":
         cmd = [sys.executable, "-m", "kvtier.server", "--bind", self.endpoint, *self.args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
-        if expect_ok:
-            line = self._read_line(START_TIMEOUT_S)
-            if "listening on" not in line:
+        self._listening = threading.Event()
+        self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while expect_ok and not self._listening.wait(0.05):
+            if not self._reader.is_alive() or time.monotonic() > deadline:   # exited, or too slow
                 self.kill()
-                raise RuntimeError(f"server did not start: {line}{self.output}")
+                raise RuntimeError(f"server did not start: {self.output}")
         return self
 
-    def _read_line(self, timeout: float) -> str:
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        try:
-            if not sel.select(timeout):
-                return ""
-            return self.proc.stdout.readline().decode(errors="replace")
-        finally:
-            sel.close()
+    def _read(self, proc) -> None:
+        for raw in proc.stdout:                # until the process closes its end
+            line = raw.decode(errors="replace")
+            self.output += line
+            if "listening on" in line:
+                self._listening.set()
 
     def wait_exit(self, timeout: float = 20.0) -> int | None:
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             return None
-        self.output += self.proc.stdout.read().decode(errors="replace")
+        self._reader.join(5)
         return rc
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -82,7 +82,8 @@ class ServerProc:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        if self.proc is not None and self.proc.stdout is not None:
+        if self.proc is not None:
+            self._reader.join(5)
             self.proc.stdout.close()
 
 
