@@ -30,6 +30,7 @@ class FakeRuntime(types.SimpleNamespace):
         self.ids = itertools.count(1000)
         self.registered: list[tuple[int, int]] = []
         self.memcpys = 0
+        self.calls: list[tuple] = []          # (what, stream, event) in submission order
 
     def getDeviceCount(self):
         return 1
@@ -48,6 +49,7 @@ class FakeRuntime(types.SimpleNamespace):
     def eventRecord(self, e, stream):
         assert e in self.events, "record on a destroyed event"
         self.events[e] = True
+        self.calls.append(("record", stream, e))
 
     def eventQuery(self, e):
         assert e in self.events, "query of a destroyed event"
@@ -66,10 +68,12 @@ class FakeRuntime(types.SimpleNamespace):
 
     def streamWaitEvent(self, stream, e, flags):
         assert e in self.events, "wait on a destroyed event"
+        self.calls.append(("wait", stream, e))
 
     def memcpyAsync(self, dst, src, n, kind, stream):
         ctypes.memmove(dst, src, n)
         self.memcpys += 1
+        self.calls.append(("copy", stream, None))
 
     def pointerGetAttributes(self, addr):
         pinned = any(a <= addr < a + n for a, n in self.registered)
@@ -242,3 +246,29 @@ def test_auto_on_the_span_copier_path_learns_both(fake):
     assert used[:4] == ["dma", "dma", "kernel", "kernel"]
     assert dc.cost.best(key) == "dma"                    # equal cost: the copy engines keep it
     check(sp, src, dst)
+
+
+@pytest.mark.parametrize("direction", ["store", "load"])
+def test_copies_are_queued_after_the_compute_stream(fake, direction):
+    """An event recorded on the compute stream, waited on by the copy stream, before any copy.
+
+    This is the ordering the ``gpu`` race tests observe on a device; here its
+    removal fails in CI too.
+    """
+    cupy, _cuda = fake
+    src, dst = np.ones(4096, dtype=np.uint8), np.zeros(4096, dtype=np.uint8)
+    sp = Spans(np.array([src.ctypes.data, src.ctypes.data + 2048], dtype=np.uint64),
+               np.array([dst.ctypes.data + 2048, dst.ctypes.data], dtype=np.uint64),
+               np.array([2048, 2048], dtype=np.uint64))
+    dc = _cuda.device_copier(0)
+    compute = 4242
+    t = dc.submit(sp, "dma", direction, after=compute)
+    assert t.wait(5) and t.ok
+    calls = cupy.cuda.runtime.calls
+    copy_stream = dc.streams[direction].ptr
+    first_copy = next(i for i, c in enumerate(calls) if c[0] == "copy")
+    ready = [c[2] for c in calls[:first_copy] if c[0] == "record" and c[1] == compute]
+    assert ready, "no event recorded on the compute stream before the copy"
+    assert ("wait", copy_stream, ready[0]) in calls[:first_copy], "copy stream does not wait for compute"
+    assert all(c[1] == copy_stream for c in calls if c[0] == "copy")
+    assert dc.streams["load"].ptr != dc.streams["store"].ptr
