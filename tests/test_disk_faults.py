@@ -249,6 +249,19 @@ def test_damaged_index_is_moved_aside_and_the_tier_starts_empty(tmp_path):
     assert dict(t.recover()) == placed
 
 
+def test_truncated_index_is_moved_aside(tmp_path):
+    t = make(tmp_path, slots=2048, per_slab=512, bb=100)
+    put(t, range(2000))                          # enough entries for many LMDB pages
+    t.close()
+    data = tmp_path / "index" / "data.mdb"
+    os.truncate(data, os.path.getsize(data) // 3)
+    t = make(tmp_path, slots=2048, per_slab=512, bb=100)
+    assert t.recover() == [] and t.stats()["index_resets"] == 1
+    placed = put(t, range(5))
+    assert verify(t, placed) == [True] * 5
+    t.close()
+
+
 def test_failing_index_commit_raises_tier_io_error_and_stops_writes(tmp_path, monkeypatch):
     from kvtier.tiers.disk_index import DiskIndex, IndexFailure
     t = make(tmp_path)

@@ -247,9 +247,17 @@ def test_parallel_writers_and_readers(tmp_path):
     assert t.check()["ok"]
 
 
-def test_data_matches_reference_crc(tmp_path):
+def _reference_checksum(data: bytes) -> int:
+    """First principles: CRC32C over the little-endian CRC32Cs of the 1 MiB chunks."""
     from kvtier import _reference
-    t = make(tmp_path, bb=8192)
-    placed = put(t, [7])
+    chunk = 1 << 20
+    crcs = [_reference.crc32c(np.frombuffer(data[i:i + chunk], dtype=np.uint8)) for i in range(0, len(data), chunk)]
+    return _reference.crc32c(np.array(crcs, dtype="<u4").tobytes())
+
+
+@pytest.mark.parametrize("bb", [8192, (5 << 19) + 100])
+def test_index_checksum_matches_reference(tmp_path, bb):
+    t = make(tmp_path, bb=bb, slots=2, per_slab=2)
+    put(t, [7])
     e = t.index.get_many([k(7)])[0]
-    assert e.crc == _reference.crc32c(np.frombuffer(block(k(7), 8192), dtype=np.uint8))
+    assert e.crc == _reference_checksum(block(k(7), bb))

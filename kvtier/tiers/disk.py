@@ -10,7 +10,7 @@ complete blocks only:
     4. commit the new index entries in one LMDB transaction (+ sync for "full")
 
 Read verifies every block: its header (key, namespace salt, length) and the
-CRC32C of its bytes against the index.  A mismatch is a miss: the entry is
+checksum of its bytes (CRC32C over its 1 MiB chunks' CRC32Cs) against the index.  A mismatch is a miss: the entry is
 dropped, counted and logged once; the caller never gets the bytes as ok.
 
 Failures degrade.  A slab that cannot be created or written (ENOSPC, EIO) is
@@ -39,7 +39,7 @@ from ..errors import ConfigError, TierIOError
 from .base import SlotAllocator, Tier
 from .disk_index import DiskIndex, IndexEntry, IndexFailure
 from .slabs import (ALIGN, FORMAT_VERSION, HEADER_BYTES, SlabFiles, SlotGeometry, address,
-                    pack_header, unpack_header)
+                    block_checksums, pack_header, unpack_header)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,10 @@ class DiskSlots(SlotAllocator):
     @property
     def num_retired(self) -> int:
         return sum(self._retired)
+
+    @property
+    def num_used(self) -> int:
+        return sum(self._used)
 
 
 class DiskTier(Tier):
@@ -125,7 +129,13 @@ class DiskTier(Tier):
             self.index = self._open_index(readonly)
             if self.index is not None:
                 self._check_geometry()
-                self._recovered = self._scan()
+                try:
+                    self._recovered = self._scan()
+                except IndexFailure as e:      # opened, but its pages cannot be walked
+                    self.index.close()
+                    self.index = self._reset_index(readonly, e)
+                    if self.index is not None:
+                        self._check_geometry()
         except BaseException:
             self._release_lock()
             raise
@@ -192,14 +202,19 @@ class DiskTier(Tier):
         try:
             return DiskIndex(where, self.num_slots, readonly=readonly, sync=sync)
         except IndexFailure as e:
-            if readonly:
-                self._off("reads", f"index unreadable: {e}")
-                return None
-            aside = f"{where}.damaged-{int(time.time())}"
-            os.replace(where, aside)
-            self._counts["index_resets"] += 1
-            log.error("%s: index %s is damaged (%s); moved to %s, starting empty", self.name, where, e, aside)
-            return DiskIndex(where, self.num_slots, sync=sync)
+            return self._reset_index(readonly, e)
+
+    def _reset_index(self, readonly: bool, e: Exception) -> DiskIndex | None:
+        """A damaged index: move it aside and start empty (its blocks are lost, never misread)."""
+        where = os.path.join(self.path, "index")
+        if readonly:
+            self._off("reads", f"index unreadable: {e}")
+            return None
+        aside = f"{where}.damaged-{time.time_ns()}"
+        os.replace(where, aside)
+        self._counts["index_resets"] += 1
+        log.error("%s: index %s is damaged (%s); moved to %s, starting empty", self.name, where, e, aside)
+        return DiskIndex(where, self.num_slots, sync=self.durability == "full")
 
     def _check_geometry(self) -> None:
         want = {"block_bytes": self.block_bytes, "slot_bytes": self.slot_bytes,
@@ -334,8 +349,7 @@ class DiskTier(Tier):
         pending = self._pool().submit(_native.pwrite_spans, *bodies.arrays(), self._threads(bodies)) \
             if bodies else None
         try:
-            crcs = _native.crc32c_spans(np.array(addrs, dtype=np.uint64),
-                                        np.full(n, self.block_bytes, dtype=np.uint64), self.io_threads)
+            crcs = block_checksums(addrs, self.block_bytes, _native.DEFAULT_THREADS)
             seqs = [0] * n
             with self._lock:
                 for i in heads.block:
@@ -422,10 +436,9 @@ class DiskTier(Tier):
                 _native.memcpy(dsts[i][:body], bounce[i])
             if rem:
                 _native.memcpy(dsts[i][body:], t[:rem])
-        crcs = _native.crc32c_spans(np.array([address(dsts[i]) for i in done], dtype=np.uint64),
-                                    np.full(len(done), self.block_bytes, dtype=np.uint64), self.io_threads)
+        crcs = block_checksums([address(dsts[i]) for i in done], self.block_bytes, _native.DEFAULT_THREADS)
         now = time.time()
-        for i, crc in zip(done, crcs.tolist()):
+        for i, crc in zip(done, crcs):
             t = tails[i * tail:(i + 1) * tail]
             h = unpack_header(t[rem:rem + HEADER_BYTES].tobytes())
             e = entries[i]
@@ -555,7 +568,7 @@ class DiskTier(Tier):
 
     def stats(self) -> dict:
         d = super().stats()
-        d["used_slots"] = self.num_slots - self._slots.num_free - self._slots.num_retired
+        d["used_slots"] = self._slots.num_used
         d.update(path=self.path, slot_bytes=self.slot_bytes, capacity_bytes=self.slot_bytes * self.num_slots,
                  durability=self.durability, direct_io=self._files.direct,
                  direct_io_reason=self._files.direct_reason, writes_off=self.writes_off,

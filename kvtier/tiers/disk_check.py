@@ -15,7 +15,8 @@ import numpy as np
 
 from .. import _native
 from .disk_index import DiskIndex
-from .slabs import FORMAT_VERSION, HEADER_BYTES, SlotGeometry, slab_file, slab_sizes, unpack_header
+from .slabs import (FORMAT_VERSION, HEADER_BYTES, SlotGeometry, block_checksums, slab_file, slab_sizes,
+                    unpack_header)
 
 MAX_PROBLEMS = 20
 BATCH = 64
@@ -93,7 +94,7 @@ def _verify_batch(todo, g: SlotGeometry, bad) -> None:
     lens = np.full(n, g.slot_bytes, dtype=np.uint64)
     res = _native.pread_spans(np.array([fd for _, _, fd, _ in todo], dtype=np.int32),
                               np.array([e.offset for _, e, _, _ in todo], dtype=np.int64), addrs, lens)
-    crcs = _native.crc32c_spans(addrs, np.full(n, g.block_bytes, dtype=np.uint64))
+    crcs = block_checksums(addrs, g.block_bytes)
     for j, (key, e, _, slot) in enumerate(todo):
         if res[j] != g.slot_bytes:
             bad("unreadable", f"{key.hex()}: slot {slot} unreadable ({int(res[j])})")
@@ -102,7 +103,7 @@ def _verify_batch(todo, g: SlotGeometry, bad) -> None:
         h = unpack_header(buf[base + g.block_bytes:base + g.block_bytes + HEADER_BYTES].tobytes())
         if h is None or h.key != key or h.salt != e.salt or h.length != g.block_bytes:
             bad("header", f"{key.hex()}: slot {slot} holds another block or no valid header")
-        elif h.crc != e.crc or int(crcs[j]) != e.crc:
+        elif h.crc != e.crc or crcs[j] != e.crc:
             bad("checksum", f"{key.hex()}: slot {slot} fails its checksum")
 
 

@@ -82,6 +82,13 @@ class DiskIndex:
             self.env = lmdb.open(path, map_size=self.map_size, max_dbs=2, subdir=True,
                                  readonly=readonly, lock=not readonly, sync=False, metasync=False,
                                  create=not readonly, readahead=False, max_readers=256)
+            # pages past the end of a truncated file would fault when touched: refuse it
+            # before any page but the meta pages is read
+            need = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+            have = os.path.getsize(os.path.join(path, "data.mdb"))
+            if have < need:
+                self.env.close()
+                raise IndexFailure(f"disk index {path}: data.mdb is truncated ({have} of {need} bytes)")
             self._blocks = self.env.open_db(b"blocks", create=not readonly)
             self._meta = self.env.open_db(b"meta", create=not readonly)
         except lmdb.Error as e:
@@ -122,9 +129,13 @@ class DiskIndex:
             raise IndexFailure(f"disk index {self.path}: {e}") from e
 
     def items(self) -> Iterator[tuple[bytes, IndexEntry | None]]:
-        with self.env.begin(db=self._blocks) as txn:
-            for k, v in txn.cursor():
-                yield bytes(k), IndexEntry.unpack(bytes(v))
+        lmdb = _lmdb()
+        try:
+            with self.env.begin(db=self._blocks) as txn:
+                for k, v in txn.cursor():
+                    yield bytes(k), IndexEntry.unpack(bytes(v))
+        except lmdb.Error as e:
+            raise IndexFailure(f"disk index {self.path}: {e}") from e
 
     def __len__(self) -> int:
         with self.env.begin() as txn:

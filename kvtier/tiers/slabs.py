@@ -23,6 +23,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 ALIGN = 4096
 FORMAT_VERSION = 1
 MAGIC = b"KVTB"
-# magic, version, flags, key, namespace salt, length, crc32c(block), sequence, crc32c(header so far)
+# magic, version, flags, key, namespace salt, length, block checksum, sequence, crc32c(header so far)
 _HEADER = struct.Struct("<4sHH16s16sQIQ")
 HEADER_BYTES = _HEADER.size + 4
 SLAB_NAME = "slab-{:05d}.kvt"
@@ -42,6 +43,26 @@ SLAB_NAME = "slab-{:05d}.kvt"
 
 def round_up(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
+
+
+CHECK_CHUNK = 1 << 20
+
+
+def block_checksums(addrs: Sequence[int], block_bytes: int, threads: int | None = None) -> list[int]:
+    """The checksum of each block: CRC32C over the CRC32Cs of its 1 MiB chunks.
+
+    Chunks are checksummed in parallel on the native thread pool, so one large
+    block does not wait on one core.  Any change inside a chunk changes that
+    chunk's CRC, and any change of one 4-byte chunk CRC changes the outer CRC.
+    """
+    per = max(1, -(-block_bytes // CHECK_CHUNK))
+    starts = np.arange(per, dtype=np.uint64) * np.uint64(CHECK_CHUNK)
+    lens = np.minimum(np.uint64(block_bytes) - starts, np.uint64(CHECK_CHUNK)).astype(np.uint64)
+    base = np.asarray(addrs, dtype=np.uint64)
+    chunk_addrs = (base[:, None] + starts[None, :]).reshape(-1)
+    chunk_crcs = _native.crc32c_spans(np.ascontiguousarray(chunk_addrs), np.tile(lens, len(base)), threads)
+    raw = np.ascontiguousarray(chunk_crcs, dtype="<u4").reshape(len(base), per)
+    return [_native.crc32c(row.tobytes()) for row in raw]
 
 
 def pack_header(key: bytes, salt: bytes, length: int, crc: int, seq: int) -> bytes:
