@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 LAYOUTS = ("LBNHC", "LBHNC", "BLHNC", "MLA")
 
 
@@ -26,31 +24,34 @@ class ModelShape:
     num_kv_heads: int = 8
     head_dim: int = 128
     latent_dim: int = 576          # MLA: 512 latent + 64 rope dims
-    dtype: torch.dtype = torch.bfloat16
+    dtype: str = "bfloat16"        # a torch dtype name (torch is imported only when tensors are made)
 
 
 LLAMA_3_1_8B = ModelShape()
 
 
 def make_kv(layout: str, num_blocks: int, block_tokens: int, shape: ModelShape = LLAMA_3_1_8B,
-            device: torch.device | str = "cpu", fill: str = "random", generator=None):
+            device="cpu", fill: str = "random", generator=None):
     """Allocate an engine KV cache in ``layout``; ``fill``: random | empty."""
+    import torch
+    dtype = getattr(torch, shape.dtype)
     L, H, D = shape.num_layers, shape.num_kv_heads, shape.head_dim
     if layout == "LBNHC":
         dims, block_dim = [(2, num_blocks, block_tokens, H, D)] * L, 1
     elif layout == "LBHNC":
         dims, block_dim = [(num_blocks, 2, H, block_tokens, D)] * L, 0
     elif layout == "BLHNC":
-        whole = _alloc((num_blocks, L, 2, H, block_tokens, D), shape.dtype, device, fill, generator)
+        whole = _alloc((num_blocks, L, 2, H, block_tokens, D), dtype, device, fill, generator)
         return [whole[:, l] for l in range(L)], 0
     elif layout == "MLA":
         dims, block_dim = [(num_blocks, block_tokens, shape.latent_dim)] * L, 0
     else:
         raise ValueError(f"layout {layout!r}: one of {', '.join(LAYOUTS)}")
-    return [_alloc(d, shape.dtype, device, fill, generator) for d in dims], block_dim
+    return [_alloc(d, dtype, device, fill, generator) for d in dims], block_dim
 
 
 def _alloc(dims, dtype, device, fill, generator):
+    import torch
     t = torch.empty(dims, dtype=dtype, device=device)
     if fill == "random":
         # random bytes, not random numbers: every bit pattern (NaNs included) must survive
@@ -59,7 +60,8 @@ def _alloc(dims, dtype, device, fill, generator):
 
 
 def kv_bytes_per_token(layout: str, shape: ModelShape = LLAMA_3_1_8B) -> int:
-    item = torch.empty(0, dtype=shape.dtype).element_size()
+    import torch
+    item = torch.empty(0, dtype=getattr(torch, shape.dtype)).element_size()
     if layout == "MLA":
         return shape.num_layers * shape.latent_dim * item
     return shape.num_layers * 2 * shape.num_kv_heads * shape.head_dim * item

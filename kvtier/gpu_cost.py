@@ -88,9 +88,12 @@ class CostModel:
                 return m
         if b.decisions % self.reprobe_every == 0:
             return min(self.candidates, key=lambda m: b.last_seen[m])
+        return self._fastest(b) or self.candidates[0]     # None: probes submitted, none measured yet
+
+    def _fastest(self, b: _Bucket) -> str | None:
         rates = {m: statistics.median(s) for m, s in b.samples.items() if s}
-        if not rates:                       # probes submitted, none measured yet
-            return self.candidates[0]
+        if not rates:
+            return None
         best = max(rates, key=rates.get)
         first = self.candidates[0]
         if first in rates and rates[first] >= rates[best] * (1 - self.margin):
@@ -111,10 +114,7 @@ class CostModel:
             b = self._buckets.get(key)
             if b is None or any(not b.samples[m] for m in self.candidates):
                 return None
-            rates = {m: statistics.median(s) for m, s in b.samples.items()}
-            best = max(rates, key=rates.get)
-            first = self.candidates[0]
-            return first if rates[first] >= rates[best] * (1 - self.margin) else best
+            return self._fastest(b)
 
     def summary(self) -> dict:
         with self._lock:
