@@ -263,10 +263,11 @@ class TieredCache:
                 if t is None:
                     break
                 src = self._index[t][key]
+                src.leases += 1                    # before reserving: the cascade may evict below
                 got = self._reserve(0, 1)
                 if not got:
+                    self._unlease(t, key, src)
                     break
-                src.leases += 1
                 if self._policies[t] is not None:
                     self._policies[t].access(key, start + i)
                 e = Entry(got[0], PROMOTING, start + i, leases=1)

@@ -182,3 +182,17 @@ def test_stats_snapshot_counts():
     assert s["lookups"] == 1 and s["lookup_blocks"] == 4 and s["miss_blocks"] == 1
     assert s["t0.evicted_blocks"] == 1 and s["t0.stored_blocks"] == 3
     assert s["t0.bytes_in"] == 3 * BB
+
+
+def test_promotion_cascade_never_evicts_its_own_source():
+    """Promoting a block can evict from the top tier, whose demotion can evict
+    from the tier below: the block being promoted must survive that cascade."""
+    c = make(num_slots=(1, 2))
+    store(c, [1])
+    store(c, [2])          # 1 -> t1
+    store(c, [3])          # 2 -> t1; t1 full
+    # promote 1: evicts 3 from t0, whose demotion needs a t1 slot while 1 is being read from t1
+    assert verify_load(c, [1]) == 1
+    c.flush()
+    assert c.lookup([k(2)]).num_blocks == 0          # the unleased block below made room
+    assert verify_load(c, [3]) == 1                  # and the demoted one is intact
