@@ -336,3 +336,53 @@ def test_batch_memcpy_binding_matches_the_runtime():
     dst = np.zeros(64, dtype=np.uint8)
     addrs = lambda a: np.array([a.ctypes.data, a.ctypes.data + 32], dtype=np.uint64)
     assert b(addrs(dst), addrs(src), np.array([32, 32], dtype=np.uint64), 0) != 0
+
+
+# ---- CostModel: the auto choice, on synthetic measurements ---------------------------
+
+def settle(cm, key, rates, n=None):
+    """Run the probe phase, recording ``rates`` (bytes/s) for whatever is chosen."""
+    for _ in range(n or cm.probes * len(cm.candidates)):
+        m = cm.choose(key)
+        cm.record(key, m, 1000, 1000 / rates[m])
+
+
+def test_cost_model_keeps_the_preferred_mechanism_within_margin():
+    cm = CostModel(("dma", "kernel"), probes=2, margin=0.05)
+    key = cm.bucket("load", 1 << 28, 512)
+    settle(cm, key, {"dma": 50e9, "kernel": 52e9})
+    assert cm.best(key) == "dma" and cm.choose(key) == "dma"
+    key2 = cm.bucket("load", 1 << 28, 8192)
+    settle(cm, key2, {"dma": 30e9, "kernel": 48e9})
+    assert cm.best(key2) == "kernel" and cm.choose(key2) == "kernel"
+    assert cm.best(key) == "dma"                           # buckets are independent
+
+
+def test_cost_model_reprobes_and_follows_a_change():
+    cm = CostModel(("dma", "kernel"), probes=1, reprobe_every=8)
+    key = cm.bucket("store", 1 << 26, 100)
+    rates = {"dma": 20e9, "kernel": 40e9}
+    settle(cm, key, rates)
+    picks = []
+    for _ in range(30):
+        m = cm.choose(key)
+        picks.append(m)
+        cm.record(key, m, 1000, 1000 / rates[m])
+        if len(picks) == 10:
+            rates["dma"] = 80e9                            # e.g. the SMs got busy: DMA now wins
+    assert "dma" in picks[:10] and picks[:10].count("kernel") >= 8   # one re-probe among kernel picks
+    assert picks[-8:].count("dma") == 7                   # and one re-probe of kernel per 8
+
+
+def test_cost_model_before_measurements_uses_the_first_candidate():
+    cm = CostModel(("dma", "kernel"), probes=1)
+    key = cm.bucket("load", 4096, 1)
+    assert [cm.choose(key) for _ in range(4)] == ["dma", "kernel", "dma", "dma"]
+    assert cm.best(key) is None
+
+
+@pytest.mark.parametrize("kw", [dict(candidates=()), dict(probes=0), dict(reprobe_every=1), dict(margin=1.5)])
+def test_cost_model_rejects_bad_settings(kw):
+    args = dict(candidates=("dma",)) | kw
+    with pytest.raises(ConfigError):
+        CostModel(**args)
