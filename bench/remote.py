@@ -14,22 +14,29 @@ same block sizes:
 
 Throughput rows move ``--batch-bytes`` per call and report the median over
 ``--repeat`` runs; latency (p50/p99) is one block per call, ``--samples`` calls.
-Each kvtier row also carries ``vs_redis`` (its throughput over Redis's).
+The peers take turns call by call, so a busy machine slows them alike.  Puts
+store fresh keys every time (a server skips blocks it already holds).  Each
+kvtier row also carries ``vs_redis`` (its throughput over Redis's), and every
+row ``cpu_s_per_gb``: CPU seconds spent by client and server together per GB
+moved, a figure that a busy machine disturbs far less than throughput.
 """
 from __future__ import annotations
 
 import argparse
+import glob
+import itertools
 import multiprocessing as mp
 import os
 import shutil
 import socket
+import statistics
 import struct
 import subprocess
 import sys
 import tempfile
 import time
 
-from .common import median_time, row
+from .common import row
 
 SIZES = [256 << 10, 1 << 20, 4 << 20, 8 << 20]
 _REQ = struct.Struct("<cQQ")           # op, block bytes, blocks
@@ -145,96 +152,135 @@ def _start_redis(tmp: str):
             time.sleep(0.05)
 
 
-def _latency(fn, samples: int) -> tuple[float, float]:
-    fn()
-    times = []
-    for _ in range(samples):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2] * 1e3, times[min(len(times) - 1, int(len(times) * 0.99))] * 1e3
+def _cpu_s(pid: int) -> float:
+    """CPU seconds used so far by every thread of a process (schedstat: ns resolution)."""
+    total = 0
+    for task in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+        try:
+            with open(task) as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):      # a thread that just ended
+            pass
+    return total / 1e9
+
+
+def _interleaved(fns: dict, rounds: int, pids: dict) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Run each peer's fn once per round, in turn, so all of them see the same machine load.
+
+    Returns wall times per call and CPU seconds per peer (this process plus the peer's server).
+    """
+    for fn in fns.values():
+        fn()                                   # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    cpu = dict.fromkeys(fns, 0.0)
+    me = os.getpid()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            c0 = _cpu_s(me) + _cpu_s(pids[name])
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+            cpu[name] += _cpu_s(me) + _cpu_s(pids[name]) - c0
+    return times, cpu
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * q))]
+
+
+class _Peers:
+    """put/get callables of one block size, for each peer, over a batch or one block."""
+
+    def __init__(self, bb: int, n: int, tcp: TcpClient, endpoint: str, rc):
+        from kvtier.keys import KEY_BYTES
+        from kvtier.tiers.remote import RemoteTier
+        self.bb, self.n, self.tcp, self.rc = bb, n, tcp, rc
+        blocks = [os.urandom(bb) for _ in range(min(n, 4))]
+        self.src = [memoryview(blocks[i % len(blocks)]) for i in range(n)]
+        self.dsts = [memoryview(bytearray(bb)) for _ in range(n)]
+        self.keys = [i.to_bytes(KEY_BYTES, "little") for i in range(n)]
+        self.fresh = itertools.count(n)        # puts store new keys: a server skips keys it holds
+        self.tier = RemoteTier("remote", bb, [endpoint], namespace=f"bench-{bb}", timeout_ms=30_000,
+                               max_inflight_bytes=max(256 << 20, n * bb))
+        ok = self.tier.write(self.keys, [0] * n, self.src)
+        if not all(ok):
+            raise RuntimeError(f"kvtier bench: {n - sum(ok)} of {n} blocks not stored ({self.tier.stats()})")
+        if rc is not None:
+            self._redis_put([b"bench:" + x for x in self.keys], self.src)
+
+    def _new_keys(self, m: int) -> list[bytes]:
+        return [next(self.fresh).to_bytes(16, "little") for _ in range(m)]
+
+    def _redis_put(self, ks, vs) -> None:
+        p = self.rc.pipeline(transaction=False)
+        for x, v in zip(ks, vs):
+            p.set(x, v)
+        p.execute()
+
+    def fns(self, op: str, m: int) -> dict:
+        src, dsts, keys, tier = self.src[:m], self.dsts[:m], self.keys[:m], self.tier
+
+        def kv_put():
+            if not all(tier.write(self._new_keys(m), [0] * m, src)):
+                raise RuntimeError(f"kvtier bench: a put was refused ({tier.stats()})")
+
+        def kv_get():
+            if not all(tier.read(keys, [0] * m, dsts)):
+                raise RuntimeError(f"kvtier bench: a stored block came back as a miss ({tier.stats()})")
+
+        def r_get():
+            p = self.rc.pipeline(transaction=False)
+            for x in keys:
+                p.get(b"bench:" + x)
+            for v, d in zip(p.execute(), dsts):
+                d[:] = v
+
+        out = {"tcp": (lambda: self.tcp.put(src)) if op == "put" else (lambda: self.tcp.get(dsts)),
+               "kvtier": kv_put if op == "put" else kv_get}
+        if self.rc is not None:
+            out["redis"] = (lambda: self._redis_put([b"bench:" + x for x in self._new_keys(m)], src)) \
+                if op == "put" else r_get
+        return out
+
+    def close(self) -> None:
+        self.tier.close()
+        if self.rc is not None:
+            self.rc.flushall()
 
 
 # ---- the suite ------------------------------------------------------------------------
 def run(args) -> list[dict]:
-    from kvtier.keys import KEY_BYTES
-    from kvtier.tiers.remote import RemoteTier
-
     sizes = [int(s) for s in str(args.sizes).split(",") if s]
     repeat, samples, batch_bytes = args.repeat, args.samples, args.batch_bytes
     if args.quick:
         sizes, repeat, samples, batch_bytes = [256 << 10, 1 << 20], 3, 100, 16 << 20
-    capacity = max(batch_bytes * 2, max(sizes) * 8) + (64 << 20)
+    quota = (repeat + 4) * batch_bytes + 8 * max(sizes) + (64 << 20)   # puts of fresh keys fit
     tcp = TcpClient()
-    kv_proc, endpoint = _start_kvtier(capacity, len(sizes))
+    kv_proc, endpoint = _start_kvtier(quota, len(sizes))
     tmp = tempfile.mkdtemp(prefix="kvtier-bench-redis-")
     redis_proc, rc = (None, None) if args.no_redis else _start_redis(tmp)
+    pids = {"tcp": tcp.proc.pid, "kvtier": kv_proc.pid, "redis": redis_proc.pid if redis_proc else 0}
     rows = []
     try:
         for bb in sizes:
             n = max(1, batch_bytes // bb)
-            nbytes = n * bb
-            blocks = [os.urandom(bb) for _ in range(min(n, 4))]
-            src = [memoryview(blocks[i % len(blocks)]) for i in range(n)]
-            dsts = [memoryview(bytearray(bb)) for _ in range(n)]
-            keys = [i.to_bytes(KEY_BYTES, "little") for i in range(n)]
-            tier = RemoteTier("remote", bb, [endpoint], namespace=f"bench-{bb}", timeout_ms=30_000,
-                              max_inflight_bytes=max(256 << 20, nbytes))
-            res: dict[str, dict] = {}
-
-            # tcp: the peak
-            res["tcp put"] = dict(s=median_time(lambda: tcp.put(src), repeat),
-                                  lat=_latency(lambda: tcp.put(src[:1]), samples))
-            res["tcp get"] = dict(s=median_time(lambda: tcp.get(dsts), repeat),
-                                  lat=_latency(lambda: tcp.get(dsts[:1]), samples))
-            # kvtier
-            ok = tier.write(keys, [0] * n, src)
-            if not all(ok):
-                raise RuntimeError(f"kvtier bench: {n - sum(ok)} of {n} blocks not stored ({tier.stats()})")
-            res["kvtier put"] = dict(s=median_time(lambda: tier.write(keys, [0] * n, src), repeat),
-                                     lat=_latency(lambda: tier.write(keys[:1], [0], src[:1]), samples))
-
-            def kv_get(k=keys, d=dsts):
-                if not all(tier.read(k, [0] * len(k), d)):
-                    raise RuntimeError(f"kvtier bench: a stored block came back as a miss ({tier.stats()})")
-            res["kvtier get"] = dict(s=median_time(kv_get, repeat),
-                                     lat=_latency(lambda: kv_get(keys[:1], dsts[:1]), samples))
-            # redis
-            if rc is not None:
-                rkeys = [b"bench:" + x for x in keys]
-
-                def r_put(ks=rkeys, vs=src):
-                    p = rc.pipeline(transaction=False)
-                    for x, v in zip(ks, vs):
-                        p.set(x, v)
-                    p.execute()
-
-                def r_get(ks=rkeys, ds=dsts):
-                    p = rc.pipeline(transaction=False)
-                    for x in ks:
-                        p.get(x)
-                    for v, d in zip(p.execute(), ds):
-                        d[:] = v
-                res["redis put"] = dict(s=median_time(r_put, repeat),
-                                        lat=_latency(lambda: r_put(rkeys[:1], src[:1]), samples))
-                res["redis get"] = dict(s=median_time(r_get, repeat),
-                                        lat=_latency(lambda: r_get(rkeys[:1], dsts[:1]), samples))
-                rc.flushall()
-            tier.discard(keys, [0] * n)
-            tier.close()
-            for op in ("put", "get"):
-                peak = nbytes / res[f"tcp {op}"]["s"] / 1e9
-                redis_gbps = nbytes / res[f"redis {op}"]["s"] / 1e9 if f"redis {op}" in res else None
-                for peer in ("tcp", "kvtier", "redis"):
-                    r = res.get(f"{peer} {op}")
-                    if r is None:
-                        continue
-                    extra = dict(block_bytes=bb, blocks=n, p50_ms=round(r["lat"][0], 3),
-                                 p99_ms=round(r["lat"][1], 3))
-                    if peer == "kvtier" and redis_gbps:
-                        extra["vs_redis"] = round(nbytes / r["s"] / 1e9 / redis_gbps, 3)
-                    rows.append(row("remote", f"{peer} {op} {bb >> 10}KiB", nbytes, r["s"], peak, **extra))
+            peers = _Peers(bb, n, tcp, endpoint, rc)
+            try:
+                for op in ("put", "get"):
+                    thr, cpu = _interleaved(peers.fns(op, n), repeat, pids)
+                    lat, _ = _interleaved(peers.fns(op, 1), samples, pids)
+                    secs = {p: statistics.median(ts) for p, ts in thr.items()}
+                    peak = n * bb / secs["tcp"] / 1e9
+                    for p, s_ in secs.items():
+                        extra = dict(block_bytes=bb, blocks=n, p50_ms=round(_pct(lat[p], 0.5) * 1e3, 3),
+                                     p99_ms=round(_pct(lat[p], 0.99) * 1e3, 3),
+                                     cpu_s_per_gb=round(cpu[p] / (repeat * n * bb / 1e9), 3))
+                        if p == "kvtier" and "redis" in secs:
+                            extra["vs_redis"] = round(secs["redis"] / s_, 3)
+                        rows.append(row("remote", f"{p} {op} {bb >> 10}KiB", n * bb, s_, peak, **extra))
+            finally:
+                peers.close()
     finally:
         tcp.close()
         kv_proc.terminate()

@@ -233,3 +233,30 @@ def test_server_with_disk_holds_more_than_memory_and_survives_restarts(kvservers
     assert ok == [True] * 40                              # all were on disk before the SIGKILL
     assert all(bytes(o) == block(x, bb) for o, x in zip(out, keys))
     t.close()
+
+
+def test_concurrent_callers_share_one_tier(kvservers):  # noqa: F811
+    servers = kvservers(2, *ARGS)
+    t = tier(servers, max_inflight_bytes=4 * BB)        # callers queue for in-flight bytes
+    errors = []
+
+    def worker(w):
+        keys = [k(10_000 * (w + 1) + i) for i in range(30)]
+        for r in range(5):
+            part = keys[r * 6:(r + 1) * 6]
+            if t.write(part, [0] * 6, [block(x, BB) for x in part]) != [True] * 6:
+                errors.append(("write", w, r))
+            out = dsts(6)
+            if t.read(part, [0] * 6, out) != [True] * 6 or \
+                    any(bytes(o) != block(x, BB) for o, x in zip(out, part)):
+                errors.append(("read", w, r))
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert not any(th.is_alive() for th in threads)
+    assert errors == []
+    assert t._budget.used == 0                           # every byte of budget came back
+    t.close()
