@@ -146,6 +146,7 @@ class KVCopier:
         if bad:
             raise ConfigError("candidates", bad, "mechanisms that run here: " + ", ".join(usable))
         self.mechanism = mechanism
+        self.usable = usable
         self.candidates = tuple(candidates)
         self.cost = cost_model or CostModel(self.candidates)
         self._cuda = None
@@ -153,7 +154,7 @@ class KVCopier:
             from . import _cuda
             self._cuda = _cuda.device_copier(self.device.index if self.device.index is not None else 0)
         self.compute_stream = compute_stream
-        # per-layer layouts for layer-wise transfers: layer l's bytes sit at page offset l
+        # per-layer layouts for layer-wise transfers; layer l's page starts after layers 0..l-1
         self._layers: list[BlockLayout] | None = None
         self._layer_offsets = np.concatenate(([0], np.cumsum(layout.page_bytes)[:-1])).astype(np.uint64)
 
@@ -199,8 +200,9 @@ class KVCopier:
     def _submit(self, layout: BlockLayout, block_ids, slot_addrs, to_engine: bool,
                 mechanism: str | None) -> Transfer:
         mech = mechanism or self.mechanism
-        if mech not in MECHANISMS:
-            raise ConfigError("mechanism", mech, "one of " + ", ".join(MECHANISMS))
+        if mech != "auto" and mech not in self.usable:
+            raise ConfigError("mechanism", mech, f"one that runs on {self.device.type} tensors here: "
+                              + ", ".join(("auto",) + self.usable))
         ids = layout.check_block_ids(block_ids)
         addrs = np.asarray(slot_addrs, dtype=np.uint64)
         if addrs.shape != ids.shape:
@@ -218,11 +220,12 @@ class KVCopier:
             self._cuda = _cuda.device_copier(self.device.index or 0)
         t = self._run(mech, layout, ids, addrs, spans, to_engine, direction)
         if key is not None:
-            t._on_done = lambda tr, key=key: (tr.ok and tr.seconds is not None and
-                                              self.cost.record(key, tr.mechanism, tr.nbytes, tr.seconds))
-            if t.done():
-                cb, t._on_done = t._on_done, None
-                cb(t)
+            record = lambda tr, key=key: (tr.ok and tr.seconds is not None and
+                                          self.cost.record(key, tr.mechanism, tr.nbytes, tr.seconds))
+            if t.ok is None:
+                t._on_done = record         # measured when a poll sees it complete
+            else:
+                record(t)                   # finished synchronously (CPU, or failed at submission)
         return t
 
     def _run(self, mech: str, layout: BlockLayout, ids: np.ndarray, addrs: np.ndarray, spans: Spans,

@@ -386,3 +386,38 @@ def test_cost_model_rejects_bad_settings(kw):
     args = dict(candidates=("dma",)) | kw
     with pytest.raises(ConfigError):
         CostModel(**args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusals")
+def test_unrunnable_mechanism_per_call_fails_loudly():
+    src, bd = kv("LBHNC")
+    lay = BlockLayout(src, bd)
+    arena = Arena(lay.block_bytes, 2)
+    with pytest.raises(ConfigError, match="mechanism"):
+        KVCopier(lay).load([1], arena.addrs([0]), mechanism="kernel")
+    assert (page(src, bd, 1) != POISON).any()
+
+
+def test_auto_records_transfers_that_complete_later(monkeypatch):
+    """Asynchronous transfers feed the cost model when a poll sees them complete."""
+    from kvtier.gpu_copy import Transfer
+    src, bd = kv("LBHNC")
+    lay = BlockLayout(src, bd)
+    arena = Arena(lay.block_bytes, 2)
+    c = KVCopier(lay, "auto", candidates=("native", "torch"))
+    pending = []
+
+    def later(mech, layout, ids, addrs, spans, to_engine, direction):
+        t = Transfer(mech, spans.nbytes, len(spans))
+        pending.append(t)
+        return t
+    monkeypatch.setattr(c, "_run", later)
+    t = c.store([1, 2], arena.addrs([0, 1]))
+    assert not t.done() and c.cost.summary()
+    key = next(iter(c.cost._buckets))
+    assert not c.cost._buckets[key].samples["native"]
+    t._finish(True, seconds=0.5)
+    assert list(c.cost._buckets[key].samples["native"]) == [t.nbytes / 0.5]
+    failed = c.store([1, 2], arena.addrs([0, 1]))
+    failed._finish(False, error="boom")
+    assert len(c.cost._buckets[key].samples["native"]) == 1      # failures are not costs
