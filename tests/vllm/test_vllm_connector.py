@@ -1,7 +1,7 @@
 """The kvtier connector against a real vLLM engine (CPU backend, random-weight Llama).
 
-Each engine runs in its own subprocess (engine_run.py) so tests stay isolated
-and memory is returned.  Greedy outputs are compared token by token.
+Each engine runs in its own subprocess (bench/vllm_engine.py) so tests stay
+isolated and memory is returned.  Greedy outputs are compared token by token.
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import run_engine, start_failure
-from tiny_llama import build_llama
+from bench.llama_fixture import build_llama
+from bench.vllm_engine import run_engine, start_failure
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 

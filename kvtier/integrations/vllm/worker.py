@@ -51,7 +51,12 @@ class KVTierWorker:
         self._recving: set[str] = set()
         self._invalid: set[int] = set()
         self._results = KVTierWorkerMetadata()
-        self.stats = KVTierConnectorStats()
+        self.stats = KVTierConnectorStats()       # since vLLM last took them
+        self.totals = KVTierConnectorStats()      # since start-up
+
+    def _count(self, key: str, n: float) -> None:
+        self.stats.add(key, n)
+        self.totals.add(key, n)
 
     # ---- set-up -------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict) -> None:
@@ -104,11 +109,11 @@ class KVTierWorker:
                     log.warning("kvtier: load op %d for %s failed: %s", op.op_id, op.req_id, e)
                     ok = False
                     self._invalid.update(op.block_ids)
-                    self.stats.add("load_failed_blocks", len(op.block_ids))
+                    self._count("load_failed_blocks", len(op.block_ids))
                 else:
-                    self.stats.add("load_seconds", time.perf_counter() - t0)
-                    self.stats.add("load_blocks", len(op.block_ids))
-                    self.stats.add("load_bytes", len(op.block_ids) * self.geometry.block_bytes)
+                    self._count("load_seconds", time.perf_counter() - t0)
+                    self._count("load_blocks", len(op.block_ids))
+                    self._count("load_bytes", len(op.block_ids) * self.geometry.block_bytes)
             self._invalid.update(op.failed_block_ids)
             self._results.load_results[op.op_id] = ok
             if op.is_async:
@@ -123,12 +128,12 @@ class KVTierWorker:
             except Exception as e:
                 log.warning("kvtier: store op %d for %s failed: %s", op.op_id, op.req_id, e)
                 self._results.store_results[op.op_id] = False
-                self.stats.add("store_failed_blocks", len(op.block_ids))
+                self._count("store_failed_blocks", len(op.block_ids))
                 continue
             self._results.store_results[op.op_id] = True
-            self.stats.add("store_seconds", time.perf_counter() - t0)
-            self.stats.add("store_blocks", len(op.block_ids))
-            self.stats.add("store_bytes", len(op.block_ids) * self.geometry.block_bytes)
+            self._count("store_seconds", time.perf_counter() - t0)
+            self._count("store_blocks", len(op.block_ids))
+            self._count("store_bytes", len(op.block_ids) * self.geometry.block_bytes)
 
     def get_finished(self) -> tuple[set[str] | None, set[str] | None]:
         if not self._recving:
