@@ -192,13 +192,20 @@ class CudaTransfer(Transfer):
         return True
 
     def wait(self, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 20e-6
+        """Block until done; without a timeout the runtime waits (exact), else poll every <= 50 us."""
+        if timeout is None:
+            with self._lock:
+                if self.ok is None:
+                    self._rt.eventSynchronize(self._end)
+                    self._poll()
+            return True
+        deadline = time.monotonic() + timeout
+        pause = 10e-6
         while not self.done():
-            if deadline is not None and time.monotonic() >= deadline:
+            if time.monotonic() >= deadline:
                 return False
             time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
+            pause = min(pause * 2, 50e-6)
         return True
 
     def wait_on_stream(self, stream=None) -> None:
