@@ -37,6 +37,7 @@ from . import _native
 from . import protocol as P
 from .config import parse_size
 from .errors import ConfigError, KVTierError, MissingDependencyError
+from .handles import READY
 from .metrics import Metrics, serve_http
 
 log = logging.getLogger("kvtier.server")
@@ -70,6 +71,7 @@ def parse_tenant(spec: str, default_quota: int) -> Tenant:
     quota = parse_size("--tenant quota", parts[1]) if len(parts) > 1 and parts[1] else default_quota
     keys = set()
     if len(parts) > 2 and parts[2]:
+        _zmq()
         from zmq.auth import load_certificate
         for path in parts[2].split(","):
             try:
@@ -203,7 +205,7 @@ class NamespaceStore:
             for key in keys:
                 for t in range(len(cache.tiers)):
                     e = cache._index[t].get(key)
-                    if e is not None and e.state == "ready":
+                    if e is not None and e.state == READY:
                         cache._drop(t, key)
                         n += 1
         return n
@@ -346,7 +348,7 @@ class Server:
         except Exception as e:  # the loop must outlive any one request
             log.exception("request failed")
             self.metrics.inc("errors_total", code=P.E_INTERNAL)
-            return [P.encode_error(None, P.E_INTERNAL, type(e).__name__)]
+            return [P.encode_error(P.peek_id(frames[0].buffer), P.E_INTERNAL, type(e).__name__)]
 
     def _op_put(self, req: P.Request) -> list:
         st = self.open_namespace(req.ns, req.block_bytes)
@@ -363,14 +365,19 @@ class Server:
         if st is not None and st.block_bytes != req.block_bytes:
             raise P.ProtocolError(P.E_BLOCK_SIZE, f"namespace {req.ns} holds blocks of {st.block_bytes} bytes")
         found, crcs, payloads, handles = [], [], [], []
-        for key in req.keys:
-            got = st.get(key, self.wait_s) if st is not None else None
-            found.append(got is not None)
-            if got is not None:
-                crcs.append(got[0])
-                payloads.append(got[1])
-                if got[2] is not None:
-                    handles.append(got[2])
+        try:
+            for key in req.keys:
+                got = st.get(key, self.wait_s) if st is not None else None
+                found.append(got is not None)
+                if got is not None:
+                    crcs.append(got[0])
+                    payloads.append(got[1])
+                    if got[2] is not None:
+                        handles.append(got[2])
+        except Exception:
+            for h in handles:             # no reply will carry these bytes: release them now
+                st.cache.complete_load(h, success=False)
+            raise
         self.metrics.inc("blocks_total", len(payloads), op="get", outcome="hit")
         self.metrics.inc("blocks_total", len(found) - len(payloads), op="get", outcome="miss")
         self.metrics.inc("bytes_out_total", len(payloads) * req.block_bytes)

@@ -6,7 +6,7 @@ import pytest
 
 from kvtier import ConfigError, KVTierConfig, Namespace, TieredCache
 from kvtier.tiers.host import HostTier
-from kvtier.tiers.remote import RemoteTier, make_remote_tier
+from kvtier.tiers.remote import RemoteTier, make_remote_tier, rank_servers
 
 from conftest import block, k
 from test_remote_support import kvservers, redis_cluster, redis_server  # noqa: F401 (fixtures)
@@ -125,18 +125,35 @@ def test_write_through_flag_from_config(make_tier):
     assert make_tier().write_through is False
 
 
-def test_corrupt_block_is_a_miss(make_tier, kvservers):  # noqa: F811
+def test_corrupt_block_is_a_miss(make_tier):
     t = make_tier()
     key = k(7)
     t.write([key], [0], [block(key, BB)])
     if make_tier.backend == "zmq":
-        pytest.skip("zmq: covered by test_remote_faults (a server replying with bad checksums)")
+        # a put whose bytes do not match its checksum (torn on the wire) is refused, never served
+        import zmq
+        from kvtier import protocol as P
+        from kvtier._native import crc32c
+        bad = bytearray(block(k(8), BB))
+        crc = crc32c(bad)
+        bad[100] ^= 0xFF
+        ctx = zmq.Context()
+        s = ctx.socket(zmq.DEALER)
+        s.connect(t.servers[rank_servers(k(8), t.servers)[0]])
+        s.send_multipart([P.encode_request("put", 1, "alice", keys=[k(8)], block_bytes=BB, crcs=[crc]), bad])
+        assert s.poll(10_000)
+        rep = P.decode_reply([memoryview(f) for f in s.recv_multipart()], 1, "put", 1, BB)
+        s.close(0)
+        ctx.term()
+        assert rep.ok and rep.stored == [False]
+        assert t.read([k(8)], [0], poisoned(1)) == [False]
+        assert t.contains([k(8)]) == [False]
+        return
     c = t._clients[0]
     raw = bytearray(c.get(t._key(key)))
     raw[100] ^= 0xFF
     c.set(t._key(key), bytes(raw))
-    dst = poisoned(1)
-    assert t.read([key], [0], dst) == [False]
+    assert t.read([key], [0], poisoned(1)) == [False]
     assert t.stats()["corrupt_blocks"] == 1
     c.set(t._key(key), b"short")
     assert t.read([key], [0], poisoned(1)) == [False]
