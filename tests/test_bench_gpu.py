@@ -30,7 +30,7 @@ def test_cases_verify_and_report_ratios_on_cpu(layout):
     assert [r["case"].split()[0] for r in rows] == ["store", "load", "store+load"]
     for r in rows:
         assert r["bytes"] > 0 and r["gbps"] > 0 and r["ratio"] == pytest.approx(r["gbps"] / r["peak_gbps"], rel=1e-2)
-    assert rows[0]["verified"] is True
+    assert rows[0]["verified"] is True and rows[1]["verified"] is True
 
 
 def test_a_wrong_copy_is_caught_by_the_slot_check():
@@ -39,5 +39,7 @@ def test_a_wrong_copy_is_caught_by_the_slot_check():
     from kvtier.gpu_copy import KVCopier
     KVCopier(case.layout, "native").store(case.ids, case.addrs)
     assert case.check_slot(torch, 1)
+    assert case.check_all(torch)
     arena[case.slot_bytes + 100] ^= 0xFF
     assert not case.check_slot(torch, 1)
+    assert not case.check_all(torch)
