@@ -120,9 +120,20 @@ def test_tiered_cache_demotes_to_remote_and_promotes_back(make_tier):
     other.close()
 
 
-def test_write_through_flag_from_config(make_tier):
-    assert make_tier(write_through=True).write_through is True
+def test_write_through_copies_every_store(make_tier):
     assert make_tier().write_through is False
+    remote = make_tier(write_through=True)
+    cache = TieredCache([HostTier("host", BB, 8, memory="pageable"), remote], ["lru", "lru"],
+                        transfer_threads=1, namespace=Namespace("m", 16, tenant="alice"))
+    keys = [k(i) for i in range(3)]
+    h = cache.prepare_store(keys, "o")
+    for key, view in zip(h.keys, h.views):
+        view[:] = block(key, BB)
+    cache.complete_store(h, True)
+    assert cache.flush(30)
+    assert make_tier().contains(keys) == [True] * 3        # on the servers while still in host memory
+    assert cache.lookup(keys).tiers == ("host",) * 3
+    cache.close()
 
 
 def test_corrupt_block_is_a_miss(make_tier):
