@@ -4,10 +4,10 @@ For each block size and queue depth (blocks per batch = I/O threads) a working
 set is written and read back four ways, in one run, on one filesystem:
 
     tier         DiskTier.write / DiskTier.read from / into page-aligned host
-                 buffers: O_DIRECT spans on the native thread pool, CRC32C on
-                 both ways, a header page per block, an LMDB commit per batch
+                 buffers: O_DIRECT spans on the native thread pool, checksums
+                 both ways, an LMDB commit per batch
     raw          the same native O_DIRECT pwrite/pread spans on one
-                 preallocated file: no index, no checksum, no header (the peak)
+                 preallocated file: no index, no checksum (the peak)
     dd           ``dd bs=4M oflag=direct`` / ``iflag=direct`` (one row per run)
     safetensors  one file per block, ``safetensors.numpy.save_file`` /
                  ``load_file`` + a copy into the destination, as simple
@@ -17,7 +17,7 @@ set is written and read back four ways, in one run, on one filesystem:
 
 ``ratio`` is the tier's figure over the raw path's at the same size and depth;
 ``vs_safetensors`` is the tier over the file-per-block baseline at that size.
-Throughput counts block bytes (the tier's header pages are extra I/O it pays).
+Throughput counts block bytes.
 """
 from __future__ import annotations
 
@@ -122,8 +122,8 @@ def run(args) -> list[dict]:
 def _open_tier(work: str, bb: int, n: int, durability: str):
     from kvtier.keys import Namespace
     from kvtier.tiers.disk import DiskTier
-    from kvtier.tiers.slabs import HEADER_BYTES, round_up
-    slot = round_up(bb + HEADER_BYTES)
+    from kvtier.tiers.slabs import round_up
+    slot = round_up(bb)
     return DiskTier("bench", os.path.join(work, f"tier-{bb}"), bb, n * slot,
                     namespace=Namespace("bench-disk", 16), slab_bytes=1 << 30, durability=durability)
 

@@ -22,7 +22,7 @@ import numpy as np
 from kvtier.keys import Namespace
 from kvtier.tiers.disk import DiskTier
 
-BB = 3 * 4096 + 100            # a tail page holding block bytes and the header
+BB = 3 * 4096 + 100            # whole pages plus a tail page
 NS = Namespace("crash-model", 16)
 CAP = 48 * 16384
 SLAB = 16 * 16384

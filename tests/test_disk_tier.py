@@ -19,8 +19,8 @@ NS = Namespace("disk-model", 16)
 
 
 def make(path, bb=8192, slots=16, per_slab=4, **kw) -> DiskTier:
-    from kvtier.tiers.slabs import HEADER_BYTES, round_up
-    slot = round_up(bb + HEADER_BYTES)
+    from kvtier.tiers.slabs import round_up
+    slot = round_up(bb)
     kw.setdefault("namespace", NS)
     return DiskTier("disk", str(path), bb, slots * slot, slab_bytes=per_slab * slot, **kw)
 

@@ -5,12 +5,13 @@ complete blocks only:
 
     1. commit pending discards (a freed slot is rewritten only after the index
        stops naming its old block)
-    2. pwrite block + header for every block of the batch (native thread pool)
+    2. pwrite every block of the batch (native thread pool; the checksums are
+       computed meanwhile)
     3. fdatasync the touched slabs              (durability "data" and "full")
     4. commit the new index entries in one LMDB transaction (+ sync for "full")
 
-Read verifies every block: its header (key, namespace salt, length) and the
-checksum of its bytes (CRC32C over its 1 MiB chunks' CRC32Cs) against the index.  A mismatch is a miss: the entry is
+Read verifies every block against its index entry: namespace salt, length,
+slot, and the checksum of its bytes (CRC32C over its 1 MiB chunks' CRC32Cs).  A mismatch is a miss: the entry is
 dropped, counted and logged once; the caller never gets the bytes as ok.
 
 Failures degrade.  A slab that cannot be created or written (ENOSPC, EIO) is
@@ -38,8 +39,7 @@ from .. import _native
 from ..errors import ConfigError, TierIOError
 from .base import SlotAllocator, Tier
 from .disk_index import DiskIndex, IndexEntry, IndexFailure
-from .slabs import (ALIGN, FORMAT_VERSION, HEADER_BYTES, SlabFiles, SlotGeometry, address,
-                    block_checksums, pack_header, unpack_header)
+from .slabs import ALIGN, FORMAT_VERSION, SlabFiles, SlotGeometry, address, block_checksums
 
 log = logging.getLogger(__name__)
 
@@ -319,10 +319,9 @@ class DiskTier(Tier):
                 raise ValueError(f"{self.name}: a block has {s.nbytes} bytes, expected {self.block_bytes}")
         addrs = [address(s) for s in srcs]
         body, tail = g.body_bytes, g.tail_bytes
-        rem = self.block_bytes - body
-        tails = _native.alloc_aligned(n * tail)
+        tails = _native.alloc_aligned(n * tail) if tail else None
         keep = []                            # bounce buffers alive until the I/O returns
-        bodies, heads = _Spans(), _Spans()
+        plan = _Spans()
         for i, (slot, src) in enumerate(zip(slots, srcs)):
             slab = g.slab_of(slot)
             fd = self._files.ensure(slab)
@@ -337,32 +336,20 @@ class DiskTier(Tier):
                     _native.memcpy(b, src[:body])
                     keep.append(b)
                     a = b.ctypes.data
-                bodies.add(i, slab, fd, off, a, body)
-            t = tails[i * tail:(i + 1) * tail]
-            if rem:
-                _native.memcpy(t[:rem], src[body:])
-            heads.add(i, slab, fd, off + body, t.ctypes.data, tail)
-        if not heads:
+                plan.add(i, slab, fd, off, a, body)
+            if tail:
+                t = tails[i * tail:(i + 1) * tail]
+                _native.memcpy(t[:self.block_bytes - body], src[body:])
+                plan.add(i, slab, fd, off + body, t.ctypes.data, tail)
+        if not plan:
             self._counts["write_failures"] += n
             return ok
-        # whole pages go out while the checksums are computed; the header pages follow
-        pending = self._pool().submit(_native.pwrite_spans, *bodies.arrays(), self._threads(bodies)) \
-            if bodies else None
+        # the bytes go out while their checksums are computed: the index needs them, the I/O does not
+        pending = self._pool().submit(_native.pwrite_spans, *plan.arrays(), self._threads(plan))
         try:
             crcs = block_checksums(addrs, self.block_bytes, _native.DEFAULT_THREADS)
-            seqs = [0] * n
-            with self._lock:
-                for i in heads.block:
-                    seqs[i] = self._seq
-                    self._seq += 1
-            for i in heads.block:
-                tails[i * tail + rem:i * tail + rem + HEADER_BYTES] = np.frombuffer(
-                    pack_header(keys[i], self.salt, self.block_bytes, int(crcs[i]), seqs[i]), dtype=np.uint8)
-            res_heads = _native.pwrite_spans(*heads.arrays(), self._threads(heads))
         finally:
-            res_bodies = pending.result() if pending is not None else np.zeros(0, dtype=np.int64)
-        plan = bodies + heads
-        res = np.concatenate([res_bodies, res_heads])
+            res = pending.result()
         good = self._outcome(plan, res, "write")
         if self.durability != "none":
             for slab in self._files.sync({plan.slab[j] for j in range(len(plan)) if good[plan.block[j]]}):
@@ -372,10 +359,12 @@ class DiskTier(Tier):
                         good[plan.block[j]] = False
         now = time.time()
         puts = []
-        for i, key in enumerate(keys):
-            if good.get(i):
-                puts.append((key, IndexEntry(g.slab_of(slots[i]), g.offset_of(slots[i]), self.block_bytes,
-                                             int(crcs[i]), self.salt, FORMAT_VERSION, seqs[i], now)))
+        with self._lock:
+            for i, key in enumerate(keys):
+                if good.get(i):
+                    puts.append((key, IndexEntry(g.slab_of(slots[i]), g.offset_of(slots[i]), self.block_bytes,
+                                                 crcs[i], self.salt, FORMAT_VERSION, self._seq, now)))
+                    self._seq += 1
         try:
             self.index.commit(puts=puts)
         except IndexFailure as e:
@@ -404,11 +393,12 @@ class DiskTier(Tier):
             gone = [k in self._deletes for k in keys]
         dsts = [memoryview(d).cast("B") for d in dsts]
         body, tail = g.body_bytes, g.tail_bytes
-        tails = _native.alloc_aligned(n * tail)
+        tails = _native.alloc_aligned(n * tail) if tail else None
         bounce: dict[int, np.ndarray] = {}
         plan = _Spans()
         for i, (key, slot, dst, e) in enumerate(zip(keys, slots, dsts, entries)):
-            if e is None or gone[i] or g.slab_of(slot) != e.slab or g.offset_of(slot) != e.offset:
+            if (e is None or gone[i] or e.salt != self.salt or e.length != self.block_bytes
+                    or g.slab_of(slot) != e.slab or g.offset_of(slot) != e.offset):
                 self._counts["read_misses"] += 1
                 continue
             if dst.nbytes != self.block_bytes:
@@ -423,7 +413,8 @@ class DiskTier(Tier):
                     bounce[i] = _native.alloc_aligned(body)
                     a = bounce[i].ctypes.data
                 plan.add(i, e.slab, fd, e.offset, a, body)
-            plan.add(i, e.slab, fd, e.offset + body, tails[i * tail:(i + 1) * tail].ctypes.data, tail)
+            if tail:
+                plan.add(i, e.slab, fd, e.offset + body, tails[i * tail:(i + 1) * tail].ctypes.data, tail)
         if not plan:
             return ok
         res = _native.pread_spans(*plan.arrays(), self._threads(plan))
@@ -431,25 +422,20 @@ class DiskTier(Tier):
         rem = self.block_bytes - body
         done = sorted(i for i, v in good.items() if v)
         for i in done:
-            t = tails[i * tail:(i + 1) * tail]
             if i in bounce:
                 _native.memcpy(dsts[i][:body], bounce[i])
-            if rem:
-                _native.memcpy(dsts[i][body:], t[:rem])
+            if tail:
+                _native.memcpy(dsts[i][body:], tails[i * tail:i * tail + rem])
         crcs = block_checksums([address(dsts[i]) for i in done], self.block_bytes, _native.DEFAULT_THREADS)
-        now = time.time()
         for i, crc in zip(done, crcs):
-            t = tails[i * tail:(i + 1) * tail]
-            h = unpack_header(t[rem:rem + HEADER_BYTES].tobytes())
-            e = entries[i]
-            if (h is None or h.key != keys[i] or h.salt != self.salt or h.length != self.block_bytes
-                    or h.crc != e.crc or crc != e.crc):
-                self._drop(keys[i], "corrupt_blocks", "checksum or header mismatch")
+            if crc != entries[i].crc:
+                self._drop(keys[i], "corrupt_blocks", "checksum mismatch")
                 continue
             ok[i] = True
         for i in range(n):
             if not ok[i] and good.get(i) is False:
                 self._drop(keys[i], None, None)
+        now = time.time()
         with self._lock:
             for i in done:
                 if ok[i]:
@@ -460,11 +446,11 @@ class DiskTier(Tier):
         return ok
 
     def _threads(self, plan: "_Spans") -> int:
-        """Reads: each block is two spans (whole pages, tail + header), both in flight at once."""
+        """Blocks in flight at once: the batch, up to twice io_threads (a block may be two spans)."""
         return max(1, min(len(plan), 2 * self.io_threads))
 
     def _pool(self) -> ThreadPoolExecutor:
-        """A thread that waits on page writes while the caller's thread checksums."""
+        """A thread that waits on the writes while the caller's thread checksums."""
         if self._executor is None:
             with self._lock:
                 if self._executor is None:

@@ -1,18 +1,21 @@
 """Slab files: the disk tier's bytes, in large preallocated files cut into slots.
 
-A slot holds one block followed by a small header in its last page::
+A slot holds one block, padded to whole 4 KiB pages so that every read and
+write can be O_DIRECT::
 
-    | block bytes ........................ | header | zero padding |
-    0                                  block_bytes           slot_bytes (a 4 KiB multiple)
+    | block bytes ......................... | zero padding |
+    0                                   block_bytes    slot_bytes (a 4 KiB multiple)
 
-The header names what the slot holds (key, namespace salt, length, CRC32C of the
-block), so a read can prove the bytes belong to the key it asked for even when
-the index is stale.  Slot ``s`` lives in slab ``s // slots_per_slab`` at byte
-``(s % slots_per_slab) * slot_bytes``.  Slabs are created and preallocated
-(``posix_fallocate``) the first time one of their slots is written.
+What a slot holds is recorded in the index only (key, namespace salt, length,
+checksum): a block is written with exactly one I/O when its size is a multiple
+of 4 KiB, as on the raw device path.  A slot whose index entry is stale (its
+bytes were rewritten) fails the checksum, so it can never be returned.  Slot
+``s`` lives in slab ``s // slots_per_slab`` at byte ``(s % slots_per_slab) *
+slot_bytes``.  Slabs are created and preallocated (``posix_fallocate``) the
+first time one of their slots is written.
 
 I/O goes through :mod:`kvtier._native` in batches of spans (thread pool, GIL
-released).  O_DIRECT is probed when a slab is opened: ``auto`` falls back to
+released).  O_DIRECT is probed when the tier opens: ``auto`` falls back to
 buffered I/O and logs why once; ``on`` raises if the filesystem refuses it.
 """
 from __future__ import annotations
@@ -20,7 +23,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import struct
 import threading
 from dataclasses import dataclass
 from typing import Sequence
@@ -34,10 +36,6 @@ log = logging.getLogger(__name__)
 
 ALIGN = 4096
 FORMAT_VERSION = 1
-MAGIC = b"KVTB"
-# magic, version, flags, key, namespace salt, length, block checksum, sequence, crc32c(header so far)
-_HEADER = struct.Struct("<4sHH16s16sQIQ")
-HEADER_BYTES = _HEADER.size + 4
 SLAB_NAME = "slab-{:05d}.kvt"
 
 
@@ -65,34 +63,6 @@ def block_checksums(addrs: Sequence[int], block_bytes: int, threads: int | None 
     return [_native.crc32c(row.tobytes()) for row in raw]
 
 
-def pack_header(key: bytes, salt: bytes, length: int, crc: int, seq: int) -> bytes:
-    body = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, key, salt, length, crc, seq)
-    return body + _native.crc32c(body).to_bytes(4, "little")
-
-
-@dataclass(frozen=True)
-class Header:
-    key: bytes
-    salt: bytes
-    length: int
-    crc: int
-    seq: int
-
-
-def unpack_header(raw: bytes | memoryview) -> Header | None:
-    """The header in ``raw``, or None when it is not a valid kvtier header."""
-    raw = bytes(raw[:HEADER_BYTES])
-    if len(raw) < HEADER_BYTES:
-        return None
-    body, check = raw[:_HEADER.size], int.from_bytes(raw[_HEADER.size:], "little")
-    if _native.crc32c(body) != check:
-        return None
-    magic, version, _flags, key, salt, length, crc, seq = _HEADER.unpack(body)
-    if magic != MAGIC or version != FORMAT_VERSION:
-        return None
-    return Header(key, salt, length, crc, seq)
-
-
 @dataclass(frozen=True)
 class SlotGeometry:
     """Where slots sit in slab files, for one block size."""
@@ -103,11 +73,11 @@ class SlotGeometry:
 
     @classmethod
     def plan(cls, block_bytes: int, capacity_bytes: int, slab_bytes: int) -> "SlotGeometry":
-        slot = round_up(block_bytes + HEADER_BYTES)
+        slot = round_up(block_bytes)
         n = capacity_bytes // slot
         if n <= 0:
             raise ConfigError("disk.capacity_bytes", capacity_bytes,
-                              f"room for at least one slot of {slot} bytes (block + header)")
+                              f"room for at least one slot of {slot} bytes (a block in whole 4 KiB pages)")
         per = max(1, slab_bytes // slot)
         return cls(block_bytes, slot, min(per, n), n)
 
@@ -118,7 +88,7 @@ class SlotGeometry:
 
     @property
     def tail_bytes(self) -> int:
-        """The last pages of a slot: the block's remainder, the header, padding."""
+        """The last page of a slot when the block ends inside it (remainder + padding), else 0."""
         return self.slot_bytes - self.body_bytes
 
     @property
