@@ -21,13 +21,12 @@ events around the copy; completion is polled with ``cudaEventQuery`` and never
 blocks.  The engine's compute stream waits for a load with
 :meth:`CudaTransfer.wait_on_stream`, on the device, without a host sync.
 
-Without CuPy the module still imports (its numpy helpers are CPU code);
-anything that needs CUDA raises MissingDependencyError naming the extra.
+Without CuPy the module still imports (its numpy helpers are CPU code), the
+span copier falls back to torch, and an explicit dma or kernel raises
+MissingDependencyError naming the extra.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import threading
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._cudart import BatchMemcpy
 from .errors import ConfigError, MissingDependencyError
 from .gpu_copy import Transfer
 from .gpu_cost import CostModel
@@ -85,77 +85,6 @@ def chunk_table(spans: Spans, chunk: int = CHUNK_BYTES) -> np.ndarray:
     out[n:2 * n] = spans.dst[owner] + off
     out[2 * n:] = np.minimum(np.uint64(chunk), lens[owner] - off)
     return out
-
-
-# ---- cudaMemcpyBatchAsync through the shared CUDA runtime ---------------------------
-
-class _MemcpyAttributes(ctypes.Structure):
-    _fields_ = [("srcAccessOrder", ctypes.c_int),
-                ("srcLocType", ctypes.c_int), ("srcLocId", ctypes.c_int),
-                ("dstLocType", ctypes.c_int), ("dstLocId", ctypes.c_int),
-                ("flags", ctypes.c_uint)]
-
-
-_ACCESS_ORDER_STREAM = 1
-_FLAG_PREFER_OVERLAP_WITH_COMPUTE = 1
-
-
-def _cudart(path: str | None = None) -> ctypes.CDLL | None:
-    """The CUDA runtime library this process already loaded (torch's), or one on the path."""
-    if path is not None:
-        return ctypes.CDLL(path)
-    paths = []
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({ln.split()[-1] for ln in f if "libcudart.so" in ln})
-    except OSError:
-        pass
-    for name in paths + ["libcudart.so.13", "libcudart.so.12", ctypes.util.find_library("cudart") or ""]:
-        if not name:
-            continue
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    return None
-
-
-class BatchMemcpy:
-    """cudaMemcpyBatchAsync(dsts, srcs, sizes, count, attrs, attrIdxs, numAttrs[, failIdx], stream)."""
-
-    def __init__(self, fn, with_fail_idx: bool, version: int, clear_error=None):
-        self._fn = fn
-        self._clear = clear_error
-        self._fail = with_fail_idx
-        self.version = version
-        self._attrs = _MemcpyAttributes(_ACCESS_ORDER_STREAM, 0, 0, 0, 0, _FLAG_PREFER_OVERLAP_WITH_COMPUTE)
-        self._idx = (ctypes.c_size_t * 1)(0)
-
-    @classmethod
-    def load(cls, path: str | None = None) -> "BatchMemcpy | None":
-        lib = _cudart(path)
-        if lib is None or not hasattr(lib, "cudaMemcpyBatchAsync"):
-            return None
-        v = ctypes.c_int(0)
-        if lib.cudaRuntimeGetVersion(ctypes.byref(v)) != 0 or v.value < 12080:
-            return None
-        fn = lib.cudaMemcpyBatchAsync
-        fn.restype = ctypes.c_int
-        p = ctypes.c_void_p
-        args = [p, p, p, ctypes.c_size_t, p, p, ctypes.c_size_t]
-        fn.argtypes = args + ([p] if v.value < 13000 else []) + [p]
-        return cls(fn, v.value < 13000, v.value, lib.cudaGetLastError)
-
-    def __call__(self, dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray, stream: int) -> int:
-        args = [dsts.ctypes.data, srcs.ctypes.data, sizes.ctypes.data, sizes.size,
-                ctypes.addressof(self._attrs), ctypes.addressof(self._idx), 1]
-        if self._fail:
-            fail = ctypes.c_size_t(0)
-            args.append(ctypes.addressof(fail))
-        status = self._fn(*args, stream)
-        if status != 0 and self._clear is not None:
-            self._clear()       # this may be torch's runtime: leave no error for its next launch check
-        return status
 
 
 # ---- transfers ------------------------------------------------------------------------
@@ -367,13 +296,34 @@ def device_copier(index: int) -> DeviceCopier:
 
 
 def span_copier():
-    """The synchronous copier that kvtier.transfer routes CUDA span copies to."""
-    _cupy()
+    """The synchronous copier that kvtier.transfer routes CUDA span copies to.
+
+    With CuPy: DMA or kernels, chosen per transfer by measured cost.  Without
+    it (AUTO falls back quietly): the torch reference, one copy per span, with
+    each side's memory identified by the CUDA runtime.  Neither: an error that
+    names the extra to install.
+    """
     import torch
-
-    def copy(spans: Spans) -> None:
-        device_copier(torch.cuda.current_device()).copy_spans_sync(spans)
-
     from .transfer import register_copier
+    if available():
+        def copy(spans: Spans) -> None:
+            device_copier(torch.cuda.current_device()).copy_spans_sync(spans)
+    else:
+        from ._cudart import PointerKinds
+        from .gpu_ref import copy_spans_torch
+        kinds = PointerKinds.load()
+        if kinds is None:
+            _cupy()                                   # raises MissingDependencyError naming kvtier[cuda]
+            raise MissingDependencyError("cupy", "cuda", "copying KV pages between CUDA tensors and host memory")
+        log.info("CuPy is not installed: CUDA span copies go through torch, one copy per span "
+                 "(pip install 'kvtier[cuda]' for batched DMA and copy kernels)")
+
+        def where(addr) -> str:
+            kind, ordinal = kinds(int(addr))
+            return "cpu" if kind == "host" else f"cuda:{ordinal}"
+
+        def copy(spans: Spans) -> None:
+            if len(spans):
+                copy_spans_torch(spans, where(spans.src[0]), where(spans.dst[0]))
     register_copier("cuda", copy)
     return copy

@@ -135,7 +135,7 @@ class KVCopier:
         on_cuda = self.device.type == "cuda"
         if self.device.type not in ("cpu", "cuda"):
             raise ConfigError("kv_caches.device", str(self.device), "cpu or cuda tensors")
-        usable = self._usable(on_cuda)
+        usable = self._usable(on_cuda, mechanism)
         if mechanism != "auto" and mechanism not in usable:
             raise ConfigError("mechanism", mechanism,
                               f"one that runs on {self.device.type} tensors here: " + ", ".join(usable))
@@ -158,11 +158,16 @@ class KVCopier:
         self._layers: list[BlockLayout] | None = None
         self._layer_offsets = np.concatenate(([0], np.cumsum(layout.page_bytes)[:-1])).astype(np.uint64)
 
-    def _usable(self, on_cuda: bool) -> tuple[str, ...]:
+    @staticmethod
+    def _usable(on_cuda: bool, mechanism: str) -> tuple[str, ...]:
         if not on_cuda:
             return CPU_MECHANISMS
         from . import _cuda
-        return CUDA_MECHANISMS if _cuda.available() else ("torch",)
+        if _cuda.available():
+            return CUDA_MECHANISMS
+        if mechanism in ("dma", "kernel"):
+            _cuda._cupy()                   # an explicit CUDA mechanism without CuPy names the extra
+        return ("torch",)
 
     # ---- whole blocks ------------------------------------------------------------------
     def store(self, block_ids, slot_addrs, mechanism: str | None = None) -> Transfer:

@@ -13,6 +13,7 @@ first.  For the usual contiguous page that is plain C order.
     scatter_blocks(tensors, block_dim, ids, data)    # the inverse
     store(layout, ids, slot_addrs, buffer_device)    # engine pages -> buffers
     load(layout, ids, slot_addrs, buffer_device)     # buffers -> engine pages
+    copy_spans_torch(spans, src_device, dst_device)  # raw spans, one copy each
 
 Buffers are given by address, as the tiers hand them out: host memory
 (``buffer_device="cpu"``, pinned or not) or device memory (a GPU pool).
@@ -118,3 +119,16 @@ def load(layout, block_ids, slot_addrs, buffer_device="cpu") -> None:
     scatter_blocks(layout.tensors, layout.block_dim, ids, data)
     if layout.tensors[0].is_cuda:
         torch.cuda.synchronize(layout.tensors[0].device)
+
+
+def copy_spans_torch(spans, src_device, dst_device) -> None:
+    """Copy raw spans with torch, one ``copy_`` per span; every side of a span on the given device.
+
+    The fallback for CUDA span copies where CuPy is missing: correct, and as
+    slow as one copy call per span makes it.
+    """
+    for s, d, n in zip(spans.src.tolist(), spans.dst.tolist(), spans.lengths.tolist()):
+        buffer_tensor(d, n, dst_device).copy_(buffer_tensor(s, n, src_device), non_blocking=True)
+    for dev in {torch.device(src_device), torch.device(dst_device)}:
+        if dev.type == "cuda":
+            torch.cuda.current_stream(dev).synchronize()

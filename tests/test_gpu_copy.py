@@ -7,6 +7,7 @@ marked ``gpu`` run the CUDA mechanisms on a CUDA device.
 """
 from __future__ import annotations
 
+import glob
 import sys
 
 import numpy as np
@@ -21,6 +22,7 @@ from kvtier.gpu_cost import CostModel
 from kvtier.layout import BlockLayout, Spans
 
 POISON = 0xA5
+CUDART_LIBS = sorted(glob.glob("/usr/local/cuda*/lib64/libcudart.so.1[2-9]*"))
 SMALL = ModelShape(num_layers=3, num_kv_heads=2, head_dim=16, latent_dim=24)
 NUM_BLOCKS = 12
 # unsorted, gapped (no 0, 2, 4, 6..), repeated (7 twice)
@@ -239,12 +241,52 @@ def test_chunk_table_covers_every_byte_once():
         assert mine.size == (int(lens[i]) + 65535) // 65536
 
 
-def test_without_cupy_cuda_copies_name_the_extra(monkeypatch):
+def test_without_cupy_or_a_cuda_runtime_span_copies_name_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)
-    from kvtier import _cuda
+    from kvtier import _cuda, _cudart
+    monkeypatch.setattr(_cudart.PointerKinds, "load", classmethod(lambda cls, path=None: None))
     assert not _cuda.available()
     with pytest.raises(MissingDependencyError, match="kvtier\\[cuda\\]"):
         _cuda.span_copier()
+
+
+def test_without_cupy_span_copies_fall_back_to_torch(monkeypatch):
+    """AUTO falls back quietly: spans are copied by torch, each side placed by the runtime."""
+    from kvtier import _cuda, _cudart, transfer
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    asked = []
+
+    class HostOnly:
+        def __call__(self, addr):
+            asked.append(addr)
+            return "host", None
+    monkeypatch.setattr(_cudart.PointerKinds, "load", classmethod(lambda cls, path=None: HostOnly()))
+    monkeypatch.setattr(transfer, "_COPIERS", dict(transfer._COPIERS))
+    copy = _cuda.span_copier()
+    assert transfer._COPIERS["cuda"] is copy
+    rng = np.random.default_rng(5)
+    src = rng.integers(0, 256, 1 << 16, dtype=np.uint8)
+    dst = np.full(1 << 16, POISON, dtype=np.uint8)
+    lens = np.array([100, 4096, 7, 30000], dtype=np.uint64)
+    so = np.array([0, 200, 5000, 9000], dtype=np.uint64)
+    do = np.array([40000, 0, 39000, 5000], dtype=np.uint64)
+    copy(Spans(np.uint64(src.ctypes.data) + so, np.uint64(dst.ctypes.data) + do, lens))
+    for s, d, n in zip(so, do, lens):
+        np.testing.assert_array_equal(dst[int(d):int(d + n)], src[int(s):int(s + n)])
+    assert (dst[4096:5000] == POISON).all() and len(asked) == 2
+
+
+@pytest.mark.skipif(not CUDART_LIBS, reason="no CUDA runtime library installed")
+def test_pointer_kinds_binding_calls_through():
+    """Without a GPU the runtime refuses, and says so with an OSError, not a crash."""
+    from kvtier._cudart import PointerKinds
+    kinds = PointerKinds.load(CUDART_LIBS[0])
+    buf = np.zeros(16, dtype=np.uint8)
+    if torch.cuda.is_available():
+        assert kinds(buf.ctypes.data) == ("host", None)
+    else:
+        with pytest.raises(OSError, match="cudaPointerGetAttributes"):
+            kinds(buf.ctypes.data)
 
 
 # ---- CUDA -----------------------------------------------------------------------------
@@ -303,6 +345,21 @@ def test_compute_reads_after_layer_load(mech):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["LBNHC", "MLA"])
+def test_span_copies_without_cupy_go_through_torch(monkeypatch, layout):
+    """The fallback places each side with the CUDA runtime torch loaded, then copies per span."""
+    from kvtier import _cuda, transfer
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    monkeypatch.setattr(transfer, "_COPIERS", dict(transfer._COPIERS))
+    copy = _cuda.span_copier()
+    src, bd = kv(layout, device="cuda", seed=9)
+    lay = BlockLayout(src, bd)
+    arena = Arena(lay.block_bytes, len(SLOTS))
+    copy(lay.spans(STORE_IDS, arena.addrs(SLOTS), to_engine=False))
+    verify_slots(arena, src, bd, STORE_IDS, SLOTS)
+
+
+@pytest.mark.gpu
 def test_kernel_refuses_pageable_host_memory():
     src, bd = kv("LBHNC", device="cuda")
     lay = BlockLayout(src, bd)
@@ -315,19 +372,16 @@ def test_kernel_refuses_pageable_host_memory():
     np.testing.assert_array_equal(buf.reshape(2, -1), gpu_ref.gather_blocks(src, bd, [1, 2]).cpu().numpy())
 
 
-CUDART = sorted(__import__("glob").glob("/usr/local/cuda*/lib64/libcudart.so.1[2-9]*"))
-
-
-@pytest.mark.skipif(not CUDART, reason="no CUDA runtime library installed")
+@pytest.mark.skipif(not CUDART_LIBS, reason="no CUDA runtime library installed")
 def test_batch_memcpy_binding_matches_the_runtime():
     """The ctypes binding loads, picks the signature of the runtime's version, and calls through.
 
     Without a GPU the call must come back with an error code, not crash.
     """
-    from kvtier._cuda import BatchMemcpy, _MemcpyAttributes
+    from kvtier._cudart import BatchMemcpy, _MemcpyAttributes
     import ctypes
     assert ctypes.sizeof(_MemcpyAttributes) == 24          # enum + 2 x cudaMemLocation + flags
-    b = BatchMemcpy.load(CUDART[0])
+    b = BatchMemcpy.load(CUDART_LIBS[0])
     assert b is not None and b.version >= 12080
     assert b._fail == (b.version < 13000)
     if torch.cuda.is_available():
