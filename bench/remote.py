@@ -267,7 +267,7 @@ def run(args) -> list[dict]:
             n = max(1, batch_bytes // bb)
             peers = _Peers(bb, n, tcp, endpoint, rc)
             try:
-                for op in ("put", "get"):
+                for op in ("get", "put"):         # gets first: the puts of fresh keys evict
                     thr, cpu = _interleaved(peers.fns(op, n), repeat, pids)
                     lat, _ = _interleaved(peers.fns(op, 1), samples, pids)
                     secs = {p: statistics.median(ts) for p, ts in thr.items()}
