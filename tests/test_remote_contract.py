@@ -188,3 +188,21 @@ def test_missing_dependencies_name_their_extra(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "redis", None)
     with pytest.raises(MissingDependencyError, match=r"kvtier\[redis\]"):
         redis_backend.RedisTier("remote", BB, ["redis://127.0.0.1:1"], namespace="a")
+
+
+def test_from_config_builds_the_remote_tier(make_tier):
+    remote = make_tier()                       # the backend's servers, through the factory
+    cfg = KVTierConfig.from_dict({"host": {"capacity_bytes": 4 * 69632, "pinned": "off"},
+                                  "remote": {"backend": "redis" if make_tier.backend != "zmq" else "zmq",
+                                             "servers": list(remote.servers),
+                                             "redis_cluster": make_tier.backend == "redis-cluster"}})
+    cache = TieredCache.from_config(cfg, Namespace("m", 16, tenant="alice"), BB)
+    assert [t.medium for t in cache.tiers] == ["host", "remote"]
+    keys = [k(i) for i in range(10)]
+    for key in keys:
+        h = cache.prepare_store([key], "o")
+        h.views[0][:] = block(key, BB)
+        cache.complete_store(h, True)
+    assert cache.flush(30)
+    assert remote.contains(keys[:6]) == [True] * 6      # evicted from host, now on the servers
+    cache.close()
