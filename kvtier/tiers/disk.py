@@ -5,8 +5,7 @@ complete blocks only:
 
     1. commit pending discards (a freed slot is rewritten only after the index
        stops naming its old block)
-    2. pwrite every block of the batch (native thread pool; the checksums are
-       computed meanwhile)
+    2. pwrite every block of the batch (native thread pool), then checksum it
     3. fdatasync the touched slabs              (durability "data" and "full")
     4. commit the new index entries in one LMDB transaction (+ sync for "full")
 
@@ -30,7 +29,6 @@ import os
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -120,7 +118,6 @@ class DiskTier(Tier):
         self.writes_off: str | None = None
         self.reads_off: str | None = None
         self._recovered: list[tuple[bytes, int]] = []
-        self._executor: ThreadPoolExecutor | None = None
         readonly = self._open_dir()
         self._lock_fd, self._lock_ino = self._take_lock(readonly)
         try:
@@ -344,12 +341,10 @@ class DiskTier(Tier):
         if not plan:
             self._counts["write_failures"] += n
             return ok
-        # the bytes go out while their checksums are computed: the index needs them, the I/O does not
-        pending = self._pool().submit(_native.pwrite_spans, *plan.arrays(), self._threads(plan))
-        try:
-            crcs = block_checksums(addrs, self.block_bytes, _native.DEFAULT_THREADS)
-        finally:
-            res = pending.result()
+        res = _native.pwrite_spans(*plan.arrays(), self._threads(plan))
+        # the index needs the checksums, the I/O does not; computed after it, on the native
+        # pool's threads (1 MiB chunks in parallel), they cost no thread hand-off per batch
+        crcs = block_checksums(addrs, self.block_bytes, _native.DEFAULT_THREADS)
         good = self._outcome(plan, res, "write")
         if self.durability != "none":
             for slab in self._files.sync({plan.slab[j] for j in range(len(plan)) if good[plan.block[j]]}):
@@ -448,14 +443,6 @@ class DiskTier(Tier):
     def _threads(self, plan: "_Spans") -> int:
         """Blocks in flight at once: the batch, up to twice io_threads (a block may be two spans)."""
         return max(1, min(len(plan), 2 * self.io_threads))
-
-    def _pool(self) -> ThreadPoolExecutor:
-        """A thread that waits on the writes while the caller's thread checksums."""
-        if self._executor is None:
-            with self._lock:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(2, thread_name_prefix=f"kvtier-{self.name}")
-        return self._executor
 
     # ---- failure handling ----------------------------------------------------------
     def _outcome(self, plan: "_Spans", res: np.ndarray, what: str) -> dict[int, bool]:
@@ -573,9 +560,6 @@ class DiskTier(Tier):
                 pass
             self.index.close()
             self.index = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
         self._files.close()
         self._release_lock()
 
