@@ -29,7 +29,7 @@ def test_cases_verify_and_report_ratios_on_cpu(layout):
     rows += bench_gpu.run_both(torch, case, ["native"], {"bidir": 20.0}, repeat=2)
     assert [r["case"].split()[0] for r in rows] == ["store", "load", "store+load"]
     for r in rows:
-        assert r["bytes"] > 0 and r["gbps"] > 0 and r["ratio"] == pytest.approx(r["gbps"] / r["peak_gbps"], rel=1e-2)
+        assert r["bytes"] > 0 and r["gbps"] > 0 and r["ratio"] == pytest.approx(r["gbps"] / r["peak_gbps"], abs=1e-3)
     assert rows[0]["verified"] is True and rows[1]["verified"] is True
 
 
