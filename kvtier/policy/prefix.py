@@ -2,7 +2,8 @@
 
 Each resident block has a priority; the lowest is evicted first:
 
-    priority = (clock - pos) / capacity + w * log2(freq) - d * log2(pos + 1)
+    priority = (clock - pos) / capacity + min(w * log2(freq), r * interval / capacity)
+               - d * log2(pos + 1)
 
 * ``(clock - pos) / capacity`` is recency in cache turnovers.  The clock
   ticks once per insert or hit; subtracting the block's depth ``pos`` gives
@@ -15,12 +16,20 @@ Each resident block has a priority; the lowest is evicted first:
 * ``w`` is learned, not fixed: the policy measures how often a block seen
   once comes back (``p_first``) and how often a block seen twice or more
   does (``p_repeat``), over the keys it still remembers, with exponential
-  forgetting.  ``w = gain * log2(p_repeat / p_first)``, clipped to
-  ``[0, freq_weight]``.  Where frequency predicts reuse (shared system
+  forgetting.  ``w = gain * (log2(p_repeat / p_first) - 0.1)``, clipped to
+  ``[0, freq_weight]`` (the margin keeps noise in the estimates from
+  turning into a weight).  Where frequency predicts reuse (shared system
   prompts, documents, the Mooncake conversation trace: 0.25 vs 0.62) blocks
   seen often outlive one-hit tails by ``w`` turnovers per doubling; where it
   does not (pure multi-turn chat, where the newest turn is as likely to come
   back as the oldest), ``w`` falls to 0 and the policy is LRU.
+* Optionally (``interval_factor``, off by default) the bonus is capped at
+  that many times the block's own reuse interval (a running average of the
+  gaps between its accesses): a block that came back every half turnover is
+  then not kept eighteen turnovers after it stopped.  That lets a new
+  tenant's working set in sooner after a switch, but it also lets a scan
+  longer than ``interval_factor`` intervals flush a hot prefix, so the
+  default keeps scan resistance.
 * ``d = depth_weight * w / freq_weight`` evicts deep blocks a little earlier:
   they belong to long prompts whose blocks are, per block, reused less.  It
   scales with ``w`` so the policy stays plain LRU where frequency says nothing.
@@ -36,14 +45,24 @@ from ..errors import ConfigError
 from . import EvictionPolicy, Protected, register_policy
 
 
+_PRIOR = 256.0      # pseudo-observations behind each reuse estimate
+_MARGIN = 0.1       # log2 ratio below which frequency is taken to say nothing (about 7%)
+
+
 @register_policy
 class PrefixAware(EvictionPolicy):
     name = "prefix"
 
     def __init__(self, capacity: int, freq_weight: float = 3.0, depth_weight: float = 0.3,
-                 gain: float = 4.5, max_freq: int = 64, ghost_factor: int = 4):
+                 gain: float = 4.5, interval_factor: float | None = None, max_freq: int = 64,
+                 ghost_factor: int = 4):
         super().__init__(capacity)
-        for key, value in (("freq_weight", freq_weight), ("depth_weight", depth_weight), ("gain", gain)):
+        if interval_factor is not None:
+            freq_args = (("interval_factor", interval_factor),)
+        else:
+            freq_args = ()
+        for key, value in (("freq_weight", freq_weight), ("depth_weight", depth_weight), ("gain", gain),
+                           *freq_args):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"prefix.{key}", value, "a non-negative number")
         for key, value in (("max_freq", max_freq), ("ghost_factor", ghost_factor)):
@@ -52,30 +71,41 @@ class PrefixAware(EvictionPolicy):
         self.max_freq_weight = float(freq_weight)
         self.max_depth_weight = float(depth_weight)
         self.gain = float(gain)
+        self.interval_factor = None if interval_factor is None else float(interval_factor)
         self.freq_weight = 0.0                  # learned: starts as LRU
         self.depth_weight = 0.0
         self.max_freq = max_freq
         # reuse statistics: [first-time blocks, repeat blocks]; seen, came back
-        self._seen = [1.0, 1.0]
-        self._back = [0.25, 0.25]
+        self._seen = [0.0, 0.0]
+        self._back = [0.0, 0.0]
         self._events = 0
         self._forget_every = 8 * capacity
         self._ghost_max = ghost_factor * capacity
         self._clock = 0
         self._seq = itertools.count()
-        self._resident: dict[bytes, tuple[float, int, int]] = {}    # key -> (priority, pos, freq)
+        # key -> (priority, pos, freq, clock when last seen, smoothed reuse interval or None)
+        self._resident: dict[bytes, tuple[float, int, int, int, float | None]] = {}
         self._heap: list[tuple[float, int, int, bytes]] = []        # (priority, -pos, seq, key); lazy
-        self._ghost: OrderedDict[bytes, int] = OrderedDict()        # evicted key -> freq
+        # evicted key -> (freq, clock when last seen, smoothed reuse interval or None)
+        self._ghost: OrderedDict[bytes, tuple[int, int, float | None]] = OrderedDict()
 
     # ---- priority ----------------------------------------------------------------
-    def _priority(self, pos: int, freq: int) -> float:
-        return ((self._clock - pos) / self.capacity + self.freq_weight * math.log2(freq)
-                - self.depth_weight * math.log2(pos + 1))
+    def _priority(self, pos: int, freq: int, interval: float | None) -> float:
+        bonus = self.freq_weight * math.log2(freq)
+        if interval is not None and self.interval_factor is not None:
+            bonus = min(bonus, self.interval_factor * interval / self.capacity)
+        return (self._clock - pos) / self.capacity + bonus - self.depth_weight * math.log2(pos + 1)
 
     @property
     def reuse_probabilities(self) -> tuple[float, float]:
-        """(p_first, p_repeat): how often a block seen once / more than once came back."""
-        return self._back[0] / self._seen[0], self._back[1] / self._seen[1]
+        """(p_first, p_repeat): how often a block seen once / more than once came back.
+
+        Each is shrunk toward the pooled rate by ``_PRIOR`` pseudo-observations,
+        so a handful of early events cannot swing the weight.
+        """
+        seen = self._seen[0] + self._seen[1]
+        pooled = (self._back[0] + self._back[1]) / seen if seen else 0.0
+        return tuple((self._back[i] + _PRIOR * pooled) / (self._seen[i] + _PRIOR) for i in (0, 1))
 
     def _learn(self, prev_freq: int, freq: int) -> None:
         """``prev_freq`` (0: unknown) was the key's count when last seen; it is back now."""
@@ -85,7 +115,7 @@ class PrefixAware(EvictionPolicy):
         self._events += 1
         if self._events % 256 == 0:
             p_first, p_repeat = self.reuse_probabilities
-            w = self.gain * math.log2(max(p_repeat, 1e-9) / max(p_first, 1e-9))
+            w = self.gain * (math.log2(max(p_repeat, 1e-9) / max(p_first, 1e-9)) - _MARGIN)
             self.freq_weight = min(self.max_freq_weight, max(0.0, w))
             self.depth_weight = self.max_depth_weight * (
                 self.freq_weight / self.max_freq_weight if self.max_freq_weight else 0.0)
@@ -94,11 +124,20 @@ class PrefixAware(EvictionPolicy):
                 self._seen[i] *= 0.5
                 self._back[i] *= 0.5
 
-    def _set(self, key: bytes, pos: int, freq: int, prev_freq: int) -> None:
-        self._learn(prev_freq, freq)
+    def _set(self, key: bytes, pos: int, prev: tuple[int, int, float | None] | None) -> None:
+        """Record one insert or hit of ``key``; ``prev`` is (freq, last clock, interval) if known."""
+        if prev is None:
+            freq, interval = 1, None
+            self._learn(0, 1)
+        else:
+            pfreq, last, interval = prev
+            gap = self._clock - last
+            interval = gap if interval is None else 0.5 * (interval + gap)
+            freq = min(pfreq + 1, self.max_freq)
+            self._learn(pfreq, freq)
         self._clock += 1
-        pr = self._priority(pos, freq)
-        self._resident[key] = (pr, pos, freq)
+        pr = self._priority(pos, freq, interval)
+        self._resident[key] = (pr, pos, freq, self._clock, interval)
         heapq.heappush(self._heap, (pr, -pos, next(self._seq), key))
         if len(self._heap) > 4 * len(self._resident) + 64:
             self._compact()
@@ -119,17 +158,12 @@ class PrefixAware(EvictionPolicy):
     # ---- EvictionPolicy ------------------------------------------------------------
     def insert(self, key: bytes, pos: int = 0) -> None:
         old = self._resident.get(key)
-        if old is not None:
-            freq = old[2]
-        else:
-            freq = self._ghost.pop(key, 0)
-        self._set(key, pos, min(freq + 1, self.max_freq), freq)
+        self._set(key, pos, old[2:] if old is not None else self._ghost.pop(key, None))
 
     def access(self, key: bytes, pos: int = 0) -> None:
         old = self._resident.get(key)
-        if old is None:
-            return
-        self._set(key, pos, min(old[2] + 1, self.max_freq), old[2])
+        if old is not None:
+            self._set(key, pos, old[2:])
 
     def remove(self, key: bytes) -> None:
         self._resident.pop(key, None)       # its heap entries go stale
@@ -160,13 +194,12 @@ class PrefixAware(EvictionPolicy):
         out = []
         for e in victims:
             key = e[3]
-            _, _, freq = resident.pop(key)
-            self._remember(key, freq)
+            self._remember(key, resident.pop(key)[2:])
             out.append(key)
         return out
 
-    def _remember(self, key: bytes, freq: int) -> None:
-        self._ghost[key] = freq
+    def _remember(self, key: bytes, record: tuple[int, int, float | None]) -> None:
+        self._ghost[key] = record
         self._ghost.move_to_end(key)
         while len(self._ghost) > self._ghost_max:
             self._ghost.popitem(last=False)

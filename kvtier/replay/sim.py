@@ -141,8 +141,11 @@ def _build_cache(cfg: ReplayConfig):
         dcfg = DiskConfig(path=cfg.disk_path, capacity_bytes=slots[1] * bb, policy=cfg.lower_policy,
                           admission="none", durability="none")
         tiers.append(DiskTier.from_config(dcfg, namespace=ns, block_bytes=bb))
-    # staging must hold a burst of demotions: one request's worth of evictions at least
-    return TieredCache(tiers, policies, lease_timeout_s=3600.0, staging_bytes=max(64 << 20, 2048 * bb))
+    # staging must hold a burst of demotions: one request's worth of evictions at least.
+    # One transfer thread: demotions land in eviction order, so the lower tier's policy sees
+    # the same sequence as in metadata mode and the two modes give the same hits.
+    return TieredCache(tiers, policies, lease_timeout_s=3600.0, staging_bytes=max(64 << 20, 2048 * bb),
+                       transfer_threads=1)
 
 
 class Progress:
