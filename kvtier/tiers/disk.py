@@ -23,7 +23,6 @@ directory gets a ConfigError (flock on ``<dir>/LOCK``).
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import threading
@@ -35,9 +34,10 @@ import numpy as np
 
 from .. import _native
 from ..errors import ConfigError, TierIOError
-from .base import SlotAllocator, Tier
-from .disk_index import DiskIndex, IndexEntry, IndexFailure
-from .slabs import ALIGN, FORMAT_VERSION, SlabFiles, SlotGeometry, address, block_checksums
+from .base import Tier
+from .disk_index import IndexEntry, IndexFailure
+from .disk_open import DiskDirectory
+from .slabs import ALIGN, FORMAT_VERSION, SlabFiles, SlabSlots, SlotGeometry, SpanBatch, address, block_checksums
 
 log = logging.getLogger(__name__)
 
@@ -45,46 +45,7 @@ _DURABILITY = ("none", "data", "full")
 _READONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
-class DiskSlots(SlotAllocator):
-    """A SlotAllocator that can claim recovered slots and retire slots of dead slabs."""
-
-    def __init__(self, num_slots: int):
-        super().__init__(num_slots)
-        self._retired = bytearray(num_slots)
-
-    def claim(self, slots: Sequence[int]) -> None:
-        with self._lock:
-            for s in slots:
-                self._used[s] = 1
-            self._free = [s for s in self._free if not self._used[s]]
-
-    def retire(self, slots: Sequence[int]) -> None:
-        with self._lock:
-            for s in slots:
-                self._retired[s] = 1
-            self._free = [s for s in self._free if not self._retired[s]]
-
-    def free(self, slots: Sequence[int]) -> None:
-        from ..errors import KVTierError
-        with self._lock:
-            for s in slots:
-                if not 0 <= s < len(self._used) or not self._used[s]:
-                    raise KVTierError(f"slot {s} freed but not allocated")
-            for s in slots:
-                self._used[s] = 0
-                if not self._retired[s]:
-                    self._free.append(s)
-
-    @property
-    def num_retired(self) -> int:
-        return sum(self._retired)
-
-    @property
-    def num_used(self) -> int:
-        return sum(self._used)
-
-
-class DiskTier(Tier):
+class DiskTier(DiskDirectory, Tier):
     medium = "disk"
 
     def __init__(self, name: str, path: str, block_bytes: int, capacity_bytes: int, *,
@@ -100,7 +61,7 @@ class DiskTier(Tier):
             raise ConfigError(f"{name}.path", path, "a directory path")
         self.geometry = SlotGeometry.plan(block_bytes, capacity_bytes, slab_bytes)
         super().__init__(name, block_bytes, self.geometry.num_slots)
-        self._slots = DiskSlots(self.geometry.num_slots)
+        self._slots = SlabSlots(self.geometry.num_slots)
         self.path = os.path.abspath(path)
         self.slot_bytes = self.geometry.slot_bytes
         self.durability = durability
@@ -153,127 +114,6 @@ class DiskTier(Tier):
         tier.write_through = cfg.write_mode == "through"
         return tier
 
-    # ---- opening ----------------------------------------------------------------
-    def _open_dir(self) -> bool:
-        """Create the directory if needed; True when it can only be read."""
-        try:
-            os.makedirs(self.path, exist_ok=True)
-        except OSError as e:
-            if not os.path.isdir(self.path):
-                raise ConfigError(f"{self.name}.path", self.path,
-                                  f"a directory that exists or can be created ({e.strerror})") from e
-        return not os.access(self.path, os.W_OK) or _read_only_fs(self.path)
-
-    def _take_lock(self, readonly: bool) -> tuple[int | None, int | None]:
-        lock = os.path.join(self.path, "LOCK")
-        try:
-            fd = os.open(lock, os.O_RDONLY if readonly else os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError:
-            return None, None                    # read-only and never used: nothing to guard
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise ConfigError(f"{self.name}.path", self.path,
-                                  f"a directory no other process uses (held by pid {holder}); "
-                                  "give each process its own disk.path") from None
-            raise
-        if not readonly:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return fd, os.fstat(fd).st_ino
-
-    def _release_lock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)             # closing drops the flock
-            self._lock_fd = None
-
-    def _open_index(self, readonly: bool) -> DiskIndex | None:
-        where = os.path.join(self.path, "index")
-        sync = self.durability == "full"
-        if readonly and not os.path.exists(os.path.join(where, "data.mdb")):
-            self._off("reads", "no index in a read-only directory")
-            return None
-        try:
-            return DiskIndex(where, self.num_slots, readonly=readonly, sync=sync)
-        except IndexFailure as e:
-            return self._reset_index(readonly, e)
-
-    def _reset_index(self, readonly: bool, e: Exception) -> DiskIndex | None:
-        """A damaged index: move it aside and start empty (its blocks are lost, never misread)."""
-        where = os.path.join(self.path, "index")
-        if readonly:
-            self._off("reads", f"index unreadable: {e}")
-            return None
-        aside = f"{where}.damaged-{time.time_ns()}"
-        os.replace(where, aside)
-        self._counts["index_resets"] += 1
-        log.error("%s: index %s is damaged (%s); moved to %s, starting empty", self.name, where, e, aside)
-        return DiskIndex(where, self.num_slots, sync=self.durability == "full")
-
-    def _check_geometry(self) -> None:
-        want = {"block_bytes": self.block_bytes, "slot_bytes": self.slot_bytes,
-                "slots_per_slab": self.geometry.slots_per_slab, "format_version": FORMAT_VERSION}
-        have = self.index.geometry()
-        here = {b"ns:" + self.salt: self.label.encode(), b"num_slots": str(self.num_slots).encode()}
-        if have is None:
-            if not self.index.readonly:
-                import json
-                self.index.set_meta({b"geometry": json.dumps(want).encode(), **here})
-            return
-        if {k: have.get(k) for k in want} != want:
-            raise ConfigError(f"{self.name}.path", self.path,
-                              f"a directory laid out for this tier: it holds {have}, this tier needs {want} "
-                              "(use another directory, or remove this one)")
-        if not self.index.readonly:
-            self.index.set_meta(here)
-
-    def _scan(self) -> list[tuple[bytes, int]]:
-        """Find the blocks a previous process completed; drop entries that cannot be right."""
-        g = self.geometry
-        sizes = self._files.existing()
-        by_slot: dict[int, tuple[bytes, IndexEntry]] = {}
-        drop: list[bytes] = []
-        why: Counter = Counter()
-        for key, e in self.index.items():
-            if e is None or e.version != FORMAT_VERSION or e.length != self.block_bytes or len(key) != 16:
-                why["malformed"] += 1
-                drop.append(key)
-                continue
-            if e.salt != self.salt:
-                why["other_namespace"] += 1
-                drop.append(key)
-                continue
-            slot = e.slab * g.slots_per_slab + e.offset // g.slot_bytes
-            if e.offset % g.slot_bytes or not 0 <= slot < g.num_slots or g.slab_of(slot) != e.slab:
-                why["out_of_range"] += 1
-                drop.append(key)
-                continue
-            if sizes.get(e.slab, 0) < e.offset + g.slot_bytes:
-                why["truncated_slab"] += 1
-                drop.append(key)
-                continue
-            self._seq = max(self._seq, e.seq + 1)
-            other = by_slot.get(slot)
-            if other is not None:
-                why["slot_conflict"] += 1
-                if other[1].seq > e.seq:
-                    drop.append(key)
-                    continue
-                drop.append(other[0])
-            by_slot[slot] = (key, e)
-        if drop:
-            self._counts["dropped_at_open"] += len(drop)
-            log.warning("%s: dropped %d index entries at open (%s)", self.name, len(drop),
-                        ", ".join(f"{k}: {v}" for k, v in sorted(why.items())))
-            if not self.index.readonly:
-                self.index.commit(deletes=drop)
-        found = sorted(by_slot.items(), key=lambda kv: kv[1][1].last_access)
-        self._slots.claim(list(by_slot))
-        return [(key, slot) for slot, (key, _) in found]
-
     # ---- the Tier contract --------------------------------------------------------
     def recover(self) -> list[tuple[bytes, int]]:
         out, self._recovered = self._recovered, []
@@ -318,7 +158,7 @@ class DiskTier(Tier):
         body, tail = g.body_bytes, g.tail_bytes
         tails = _native.alloc_aligned(n * tail) if tail else None
         keep = []                            # bounce buffers alive until the I/O returns
-        plan = _Spans()
+        plan = SpanBatch()
         for i, (slot, src) in enumerate(zip(slots, srcs)):
             slab = g.slab_of(slot)
             fd = self._files.ensure(slab)
@@ -390,7 +230,7 @@ class DiskTier(Tier):
         body, tail = g.body_bytes, g.tail_bytes
         tails = _native.alloc_aligned(n * tail) if tail else None
         bounce: dict[int, np.ndarray] = {}
-        plan = _Spans()
+        plan = SpanBatch()
         for i, (key, slot, dst, e) in enumerate(zip(keys, slots, dsts, entries)):
             if (e is None or gone[i] or e.salt != self.salt or e.length != self.block_bytes
                     or g.slab_of(slot) != e.slab or g.offset_of(slot) != e.offset):
@@ -440,12 +280,12 @@ class DiskTier(Tier):
         self._counts["bytes_read"] += nok * g.slot_bytes
         return ok
 
-    def _threads(self, plan: "_Spans") -> int:
+    def _threads(self, plan: "SpanBatch") -> int:
         """Blocks in flight at once: the batch, up to twice io_threads (a block may be two spans)."""
         return max(1, min(len(plan), 2 * self.io_threads))
 
     # ---- failure handling ----------------------------------------------------------
-    def _outcome(self, plan: "_Spans", res: np.ndarray, what: str) -> dict[int, bool]:
+    def _outcome(self, plan: "SpanBatch", res: np.ndarray, what: str) -> dict[int, bool]:
         """Per-block success of a batch of spans; errors are counted and acted on."""
         good: dict[int, bool] = {}
         for j, r in enumerate(res.tolist()):
@@ -562,43 +402,3 @@ class DiskTier(Tier):
             self.index = None
         self._files.close()
         self._release_lock()
-
-
-class _Spans:
-    """Columns of one batch of positional I/O."""
-
-    def __init__(self):
-        self.block: list[int] = []
-        self.slab: list[int] = []
-        self.fd: list[int] = []
-        self.off: list[int] = []
-        self.addr: list[int] = []
-        self.length: list[int] = []
-
-    def add(self, block: int, slab: int, fd: int, off: int, addr: int, length: int) -> None:
-        self.block.append(block)
-        self.slab.append(slab)
-        self.fd.append(fd)
-        self.off.append(off)
-        self.addr.append(addr)
-        self.length.append(length)
-
-    def __len__(self) -> int:
-        return len(self.block)
-
-    def __add__(self, other: "_Spans") -> "_Spans":
-        out = _Spans()
-        for name in ("block", "slab", "fd", "off", "addr", "length"):
-            setattr(out, name, getattr(self, name) + getattr(other, name))
-        return out
-
-    def arrays(self):
-        return (np.array(self.fd, dtype=np.int32), np.array(self.off, dtype=np.int64),
-                np.array(self.addr, dtype=np.uint64), np.array(self.length, dtype=np.uint64))
-
-
-def _read_only_fs(path: str) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False

@@ -30,7 +30,8 @@ from typing import Sequence
 import numpy as np
 
 from .. import _native
-from ..errors import ConfigError, TierIOError
+from ..errors import ConfigError, KVTierError, TierIOError
+from .base import SlotAllocator
 
 log = logging.getLogger(__name__)
 
@@ -273,3 +274,74 @@ def address(view: memoryview) -> int:
 
 def io_error(what: str, path: str, res: int) -> TierIOError:
     return TierIOError(f"{what} {path}: {os.strerror(-res) if res < 0 else 'short transfer'}")
+
+
+class SlabSlots(SlotAllocator):
+    """A SlotAllocator that can claim recovered slots and retire slots of dead slabs."""
+
+    def __init__(self, num_slots: int):
+        super().__init__(num_slots)
+        self._retired = bytearray(num_slots)
+
+    def claim(self, slots: Sequence[int]) -> None:
+        with self._lock:
+            for s in slots:
+                self._used[s] = 1
+            self._free = [s for s in self._free if not self._used[s]]
+
+    def retire(self, slots: Sequence[int]) -> None:
+        with self._lock:
+            for s in slots:
+                self._retired[s] = 1
+            self._free = [s for s in self._free if not self._retired[s]]
+
+    def free(self, slots: Sequence[int]) -> None:
+        with self._lock:
+            for s in slots:
+                if not 0 <= s < len(self._used) or not self._used[s]:
+                    raise KVTierError(f"slot {s} freed but not allocated")
+            for s in slots:
+                self._used[s] = 0
+                if not self._retired[s]:
+                    self._free.append(s)
+
+    @property
+    def num_retired(self) -> int:
+        return sum(self._retired)
+
+    @property
+    def num_used(self) -> int:
+        return sum(self._used)
+
+
+class SpanBatch:
+    """Columns of one batch of positional I/O."""
+
+    def __init__(self):
+        self.block: list[int] = []
+        self.slab: list[int] = []
+        self.fd: list[int] = []
+        self.off: list[int] = []
+        self.addr: list[int] = []
+        self.length: list[int] = []
+
+    def add(self, block: int, slab: int, fd: int, off: int, addr: int, length: int) -> None:
+        self.block.append(block)
+        self.slab.append(slab)
+        self.fd.append(fd)
+        self.off.append(off)
+        self.addr.append(addr)
+        self.length.append(length)
+
+    def __len__(self) -> int:
+        return len(self.block)
+
+    def __add__(self, other: "SpanBatch") -> "SpanBatch":
+        out = SpanBatch()
+        for name in ("block", "slab", "fd", "off", "addr", "length"):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        return out
+
+    def arrays(self):
+        return (np.array(self.fd, dtype=np.int32), np.array(self.off, dtype=np.int64),
+                np.array(self.addr, dtype=np.uint64), np.array(self.length, dtype=np.uint64))
