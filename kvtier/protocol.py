@@ -12,6 +12,7 @@ length, every payload's size.  A violation raises :class:`ProtocolError`
 carrying an error code; the server turns it into an error reply, the client
 into a miss.
 
+    payload_crcs(bufs) -> list[int]                          CRC32C of each payload
     encode_request(op, req_id, ns, ...) -> bytes           the request header
     decode_request(frames, limits) -> Request               server side
     encode_reply(req_id, ...) / encode_error(req_id, code, msg) -> bytes
@@ -23,7 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import msgpack
+import numpy as np
 
+from . import _native
 from .keys import KEY_BYTES
 
 VERSION = 1
@@ -135,6 +138,16 @@ def _bools(d: dict, name: str, n: int) -> list[bool]:
     if not isinstance(v, list) or len(v) != n or not all(type(b) is bool for b in v):
         raise ProtocolError(E_MALFORMED, f"{name} must be {n} booleans")
     return v
+
+
+def payload_crcs(bufs: Sequence[Any]) -> list[int]:
+    """CRC32C of each payload; several at once on the native thread pool."""
+    if len(bufs) < 2:
+        return [_native.crc32c(b) for b in bufs]
+    arrs = [np.frombuffer(b, dtype=np.uint8) for b in bufs]     # kept alive across the call
+    addrs = np.array([a.ctypes.data for a in arrs], dtype=np.uint64)
+    lens = np.array([a.nbytes for a in arrs], dtype=np.uint64)
+    return _native.crc32c_spans(addrs, lens).tolist()
 
 
 # ---- requests --------------------------------------------------------------------

@@ -138,12 +138,8 @@ class NamespaceStore:
     def put(self, keys, crcs, payloads) -> tuple[list[bool], int]:
         """Store blocks whose payload matches its CRC; (per-key stored, corrupt count)."""
         stored = [False] * len(keys)
-        good, corrupt = [], 0
-        for i, (crc, buf) in enumerate(zip(crcs, payloads)):
-            if _native.crc32c(buf) == crc:
-                good.append(i)
-            else:
-                corrupt += 1
+        good = [i for i, (want, got) in enumerate(zip(crcs, P.payload_crcs(payloads))) if want == got]
+        corrupt = len(keys) - len(good)
         for c in range(0, len(good), self._chunk):
             if c and len(self.cache.tiers) > 1:
                 self.cache.flush(5.0)        # backpressure: let the evicted blocks reach the disk

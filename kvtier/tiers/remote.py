@@ -26,6 +26,8 @@ import time
 from collections import Counter, defaultdict
 from typing import Sequence
 
+import numpy as np
+
 from .. import _native
 from .. import protocol as P
 from ..errors import ConfigError, MissingDependencyError
@@ -51,6 +53,22 @@ def rank_servers(key: bytes, servers: Sequence[str]) -> list[int]:
     """Server indices ordered by rendezvous weight for ``key`` (best first)."""
     scores = [hashlib.blake2b(key, digest_size=8, key=s.encode()[:64]).digest() for s in servers]
     return sorted(range(len(servers)), key=lambda i: scores[i], reverse=True)
+
+
+def _copy_many(dsts, srcs) -> None:
+    """dsts[i][:] = srcs[i] for every block; several at once on the native thread pool."""
+    if len(dsts) == 1:
+        _native.memcpy(dsts[0], srcs[0])
+        return
+    d = [np.frombuffer(x, dtype=np.uint8) for x in dsts]        # kept alive across the call
+    s = [np.frombuffer(x, dtype=np.uint8) for x in srcs]
+    for a, b in zip(d, s):
+        if a.nbytes != b.nbytes or not a.flags.writeable:
+            raise ValueError(f"destination of {a.nbytes} bytes (writable: {a.flags.writeable}) "
+                             f"for a block of {b.nbytes}")
+    _native.copy_spans(np.array([a.ctypes.data for a in s], dtype=np.uint64),
+                       np.array([a.ctypes.data for a in d], dtype=np.uint64),
+                       np.array([a.nbytes for a in d], dtype=np.uint64))
 
 
 class _Budget:
@@ -198,7 +216,7 @@ class RemoteTier(Tier):
         if r.op != "put":
             return [P.encode_request(r.op, rid, self.namespace, keys=ks, block_bytes=self.block_bytes)]
         payloads = [srcs[i] for i in r.idx]
-        crcs = [_native.crc32c(p) for p in payloads]
+        crcs = P.payload_crcs(payloads)
         return [P.encode_request("put", rid, self.namespace, keys=ks, block_bytes=self.block_bytes,
                                  crcs=crcs), *payloads]
 
@@ -297,16 +315,15 @@ class RemoteTier(Tier):
 
         def fill(r: _Request) -> None:
             rep = r.reply
-            it = iter(zip(rep.crcs, rep.payloads))
-            for i, found in zip(r.idx, rep.found):
-                if not found:
-                    continue
-                crc, payload = next(it)
-                if ok[i]:
-                    continue
-                _native.memcpy(dsts[i], payload)
-                if _native.crc32c(dsts[i]) == crc:
-                    ok[i] = True
+            idx = [i for i, found in zip(r.idx, rep.found) if found]
+            take = [j for j, i in enumerate(idx) if not ok[i]]     # not already had from a replica
+            if not take:
+                return
+            _copy_many([dsts[idx[j]] for j in take], [rep.payloads[j] for j in take])
+            got = P.payload_crcs([dsts[idx[j]] for j in take])
+            for j, crc in zip(take, got):
+                if crc == rep.crcs[j]:
+                    ok[idx[j]] = True
                 else:
                     self._stats["corrupt_blocks"] += 1
                     log.warning("%s: block from %s failed its checksum: dropped",
