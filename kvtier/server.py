@@ -33,7 +33,6 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from . import _native
 from . import protocol as P
 from .config import parse_size
 from .errors import ConfigError, KVTierError, MissingDependencyError
@@ -152,9 +151,9 @@ class NamespaceStore:
         taken = set(h.positions) if h is not None else set()
         if h is not None:
             bb = self.block_bytes
+            P.copy_payloads([v[:bb] for v in h.views], [payloads[good[j]] for j in h.positions])
             for view, j in zip(h.views, h.positions):
                 i = good[j]
-                _native.memcpy(view[:bb], payloads[i])
                 view[bb:] = TRAILER.pack(crcs[i], MAGIC)
                 stored[i] = True
             self.cache.complete_store(h, True)

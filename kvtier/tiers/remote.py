@@ -26,9 +26,6 @@ import time
 from collections import Counter, defaultdict
 from typing import Sequence
 
-import numpy as np
-
-from .. import _native
 from .. import protocol as P
 from ..errors import ConfigError, MissingDependencyError
 from .base import Tier
@@ -53,22 +50,6 @@ def rank_servers(key: bytes, servers: Sequence[str]) -> list[int]:
     """Server indices ordered by rendezvous weight for ``key`` (best first)."""
     scores = [hashlib.blake2b(key, digest_size=8, key=s.encode()[:64]).digest() for s in servers]
     return sorted(range(len(servers)), key=lambda i: scores[i], reverse=True)
-
-
-def _copy_many(dsts, srcs) -> None:
-    """dsts[i][:] = srcs[i] for every block; several at once on the native thread pool."""
-    if len(dsts) == 1:
-        _native.memcpy(dsts[0], srcs[0])
-        return
-    d = [np.frombuffer(x, dtype=np.uint8) for x in dsts]        # kept alive across the call
-    s = [np.frombuffer(x, dtype=np.uint8) for x in srcs]
-    for a, b in zip(d, s):
-        if a.nbytes != b.nbytes or not a.flags.writeable:
-            raise ValueError(f"destination of {a.nbytes} bytes (writable: {a.flags.writeable}) "
-                             f"for a block of {b.nbytes}")
-    _native.copy_spans(np.array([a.ctypes.data for a in s], dtype=np.uint64),
-                       np.array([a.ctypes.data for a in d], dtype=np.uint64),
-                       np.array([a.nbytes for a in d], dtype=np.uint64))
 
 
 class _Budget:
@@ -319,7 +300,7 @@ class RemoteTier(Tier):
             take = [j for j, i in enumerate(idx) if not ok[i]]     # not already had from a replica
             if not take:
                 return
-            _copy_many([dsts[idx[j]] for j in take], [rep.payloads[j] for j in take])
+            P.copy_payloads([dsts[idx[j]] for j in take], [rep.payloads[j] for j in take])
             got = P.payload_crcs([dsts[idx[j]] for j in take])
             for j, crc in zip(take, got):
                 if crc == rep.crcs[j]:
