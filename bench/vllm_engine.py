@@ -9,7 +9,8 @@ clean and gives its memory back when it exits:
 SPEC: {"model": path, "dtype": "float32", "kvtier": {...} | null, "inprocess": true,
        "max_model_len": 4096, "kv_cache_memory_bytes": n | null, "phases": [PHASE, ...]}
 PHASE: {"op": "generate", "prompts": [[ids...], ...], "max_tokens": 8}
-     | {"op": "ttft", "prompt": [ids...], "case": name, "reset": bool}   one request, one token
+     | {"op": "ttft", "prompt": [ids...], "case": name, "reset": bool, "settle_s": s}
+                                                                  one request, one token
      | {"op": "chat", "conversations": c, "turns": t, "system_tokens": s,
         "user_tokens": u, "gen_tokens": g, "seed": n}                    multi-turn rounds
      | {"op": "reset_prefix_cache"} | {"op": "drop_caches"}
@@ -174,6 +175,7 @@ def main(spec_path: str, out_path: str) -> None:
         if op == "ttft":
             if phase.get("reset"):
                 llm.reset_prefix_cache()
+            time.sleep(phase.get("settle_s", 0))     # let earlier background writes drain
             prompts, max_tokens = [phase["prompt"]], 1
         else:
             prompts, max_tokens = phase["prompts"], phase.get("max_tokens", 8)
