@@ -5,7 +5,8 @@ complete blocks only:
 
     1. commit pending discards (a freed slot is rewritten only after the index
        stops naming its old block)
-    2. pwrite every block of the batch (native thread pool), then checksum it
+    2. pwrite every block of the batch (native thread pool; the checksums are
+       computed meanwhile, on the caller's thread)
     3. fdatasync the touched slabs              (durability "data" and "full")
     4. commit the new index entries in one LMDB transaction (+ sync for "full")
 
@@ -28,6 +29,7 @@ import os
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -79,6 +81,7 @@ class DiskTier(DiskDirectory, Tier):
         self.writes_off: str | None = None
         self.reads_off: str | None = None
         self._recovered: list[tuple[bytes, int]] = []
+        self._executor: ThreadPoolExecutor | None = None
         readonly = self._open_dir()
         self._lock_fd, self._lock_ino = self._take_lock(readonly)
         try:
@@ -181,10 +184,12 @@ class DiskTier(DiskDirectory, Tier):
         if not plan:
             self._counts["write_failures"] += n
             return ok
-        res = _native.pwrite_spans(*plan.arrays(), self._threads(plan))
-        # the index needs the checksums, the I/O does not; computed after it, on the native
-        # pool's threads (1 MiB chunks in parallel), they cost no thread hand-off per batch
-        crcs = block_checksums(addrs, self.block_bytes, _native.DEFAULT_THREADS)
+        # the bytes go out while their checksums are computed: the index needs them, the I/O does not
+        pending = self._pool().submit(_native.pwrite_spans, *plan.arrays(), self._threads(plan))
+        try:
+            crcs = block_checksums(addrs, self.block_bytes, _native.DEFAULT_THREADS)
+        finally:
+            res = pending.result()
         good = self._outcome(plan, res, "write")
         if self.durability != "none":
             for slab in self._files.sync({plan.slab[j] for j in range(len(plan)) if good[plan.block[j]]}):
@@ -283,6 +288,14 @@ class DiskTier(DiskDirectory, Tier):
     def _threads(self, plan: "SpanBatch") -> int:
         """Blocks in flight at once: the batch, up to twice io_threads (a block may be two spans)."""
         return max(1, min(len(plan), 2 * self.io_threads))
+
+    def _pool(self) -> ThreadPoolExecutor:
+        """Threads that wait on writes while the caller's thread checksums."""
+        if self._executor is None:
+            with self._lock:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(2, thread_name_prefix=f"kvtier-{self.name}")
+        return self._executor
 
     # ---- failure handling ----------------------------------------------------------
     def _outcome(self, plan: "SpanBatch", res: np.ndarray, what: str) -> dict[int, bool]:
@@ -400,5 +413,8 @@ class DiskTier(DiskDirectory, Tier):
                 pass
             self.index.close()
             self.index = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
         self._files.close()
         self._release_lock()
