@@ -19,6 +19,12 @@ store fresh keys every time (a server skips blocks it already holds).  Each
 kvtier row also carries ``vs_redis`` (its throughput over Redis's), and every
 row ``cpu_s_per_gb``: CPU seconds spent by client and server together per GB
 moved, a figure that a busy machine disturbs far less than throughput.
+
+Like ``kvtier serve``, this process raises glibc's mmap threshold
+(:func:`kvtier.server.tune_malloc`) so received frames reuse heap buffers
+instead of faulting in fresh pages; the kvtier and redis-py clients both gain
+from it, the raw TCP stream (which receives into buffers it allocated once)
+does not.  ``--no-malloc-tuning`` measures without it.
 """
 from __future__ import annotations
 
@@ -49,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=7, help="throughput repetitions; the median is reported")
     p.add_argument("--samples", type=int, default=300, help="single-block calls per latency figure")
     p.add_argument("--no-redis", action="store_true", help="skip the redis-server comparison")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="leave this process's malloc as it is (kvtier serve tunes its own either way)")
     p.add_argument("--quick", action="store_true", help="two sizes, few repetitions")
 
 
@@ -251,6 +259,9 @@ class _Peers:
 
 # ---- the suite ------------------------------------------------------------------------
 def run(args) -> list[dict]:
+    if not args.no_malloc_tuning:
+        from kvtier.server import tune_malloc
+        tune_malloc()
     sizes = [int(s) for s in str(args.sizes).split(",") if s]
     repeat, samples, batch_bytes = args.repeat, args.samples, args.batch_bytes
     if args.quick:

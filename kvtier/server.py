@@ -472,6 +472,31 @@ class Server:
         self.stores.clear()
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3      # glibc mallopt parameters
+
+
+def tune_malloc(mmap_threshold: int = 64 << 20, trim_threshold: int = 512 << 20) -> bool:
+    """Serve large ZeroMQ message buffers from the heap instead of fresh mmaps.
+
+    libzmq allocates a buffer per received frame; above glibc's mmap threshold
+    each one is a new mapping whose pages fault in as the kernel copies into
+    them, which costs about as much CPU as the copy itself.  Raising the
+    threshold (and the trim threshold, so freed buffers are kept) lets the
+    buffers be reused.  Process-wide, so only for processes kvtier owns (the
+    server, benchmarks); an engine can set ``MALLOC_MMAP_THRESHOLD_`` and
+    ``MALLOC_TRIM_THRESHOLD_`` in its environment for the same effect.
+    Returns False where there is no glibc.
+    """
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and \
+            bool(libc.mallopt(M_TRIM_THRESHOLD, trim_threshold))
+    except (OSError, AttributeError):      # not glibc
+        return False
+
+
 def gen_keys(directory: str, clients: list[str]) -> list[str]:
     """CURVE key pairs: ``server`` and one per client name; returns the files made."""
     _zmq()
@@ -506,6 +531,7 @@ def main(args: argparse.Namespace) -> int:
         for path in gen_keys(args.gen_keys, args.client):
             print(path)
         return 0
+    tune_malloc()
     quota = parse_size("--quota", args.quota)
     tenants = {}
     for spec in args.tenant:
