@@ -24,13 +24,13 @@ def _flip(t, slot: int, where: int, rng: random.Random) -> None:
         f.write(bytes([old ^ rng.randint(1, 255)]))
 
 
-@pytest.mark.parametrize("bb", [8192, 5000])
-def test_random_flips_are_detected_every_time(tmp_path, bb):
+@pytest.mark.parametrize("bb,slots,rounds", [(8192, 32, ROUNDS), (5000, 32, ROUNDS), (5 << 19, 6, 8)])
+def test_random_flips_are_detected_every_time(tmp_path, bb, slots, rounds):
     rng = random.Random(bb)
-    t = make(tmp_path, bb=bb, slots=32, per_slab=8)
-    placed = put(t, range(32))
+    t = make(tmp_path, bb=bb, slots=slots, per_slab=8)
+    placed = put(t, range(slots))
     detected = 0
-    for rnd in range(ROUNDS):
+    for rnd in range(rounds):
         victims = rng.sample(sorted(placed), rng.randint(1, 4))
         for key in victims:
             for _ in range(rng.randint(1, 3)):

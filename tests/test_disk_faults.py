@@ -134,8 +134,9 @@ def test_eio_on_write_fails_those_blocks_and_retires_the_slab(tmp_path, monkeypa
     assert t.check()["ok"]
 
 
-def test_eio_on_read_is_a_miss_and_drops_the_block(tmp_path, monkeypatch):
-    t = make(tmp_path, slots=8, per_slab=8)
+@pytest.mark.parametrize("bb", [8192, 5 << 19])      # 2.5 MiB blocks are read in two stages
+def test_eio_on_read_is_a_miss_and_drops_the_block(tmp_path, monkeypatch, bb):
+    t = make(tmp_path, bb=bb, slots=8, per_slab=8)
     placed = put(t, range(6))
     _inject(monkeypatch, "pread_spans", errno.EIO, every=3)
     ok = verify(t, placed)

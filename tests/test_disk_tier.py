@@ -46,11 +46,13 @@ def verify(t, placed: dict) -> list[bool]:
 
 
 @pytest.mark.parametrize("o_direct", ["auto", "off"])
-@pytest.mark.parametrize("bb", [4096, 8192 + 100, 100, 3 * 4096 - 1])
+@pytest.mark.parametrize("bb", [4096, 8192 + 100, 100, 3 * 4096 - 1, 5 << 19])
 def test_write_read_roundtrip(tmp_path, bb, o_direct):
     t = make(tmp_path, bb=bb, o_direct=o_direct)
     placed = put(t, range(10))
     assert verify(t, placed) == [True] * 10
+    for key, slot in placed.items():              # one block at a time: another read path
+        assert verify(t, {key: slot}) == [True]
     assert t.check()["ok"]
     assert t.stats()["blocks_written"] == 10
 

@@ -11,19 +11,20 @@ complete blocks only:
     4. commit the new index entries in one LMDB transaction (+ sync for "full")
 
 Read verifies every block against its index entry: namespace salt, length,
-slot, and the checksum of its bytes (CRC32C over its 1 MiB chunks' CRC32Cs).  A mismatch is a miss: the entry is
-dropped, counted and logged once; the caller never gets the bytes as ok.
+slot, and the checksum of its bytes (CRC32C over its 1 MiB chunks' CRC32Cs).
+A mismatch is a miss: the entry is dropped, counted and logged once; the
+caller never gets the bytes as ok.  Blocks of 2 MiB or more are read in two
+halves, the first checksummed while the second is read.
 
-Failures degrade.  A slab that cannot be created or written (ENOSPC, EIO) is
-retired: its free slots leave the allocator.  A read-only or vanished
-directory, or a failing index, turns writes off; reads go on while the index
-can answer.  A damaged index found at open is moved aside and a fresh one
-started (its blocks are lost, never misread).  A second process on the same
-directory gets a ConfigError (flock on ``<dir>/LOCK``).
+Failures degrade (:mod:`.disk_faults`): a slab that cannot be created or
+written (ENOSPC, EIO) is retired; a read-only or vanished directory, or a
+failing index, turns writes off while reads go on.  Opening
+(:mod:`.disk_open`) moves a damaged index aside and starts empty (its blocks
+are lost, never misread), and gives a second process on the same directory a
+ConfigError (flock on ``<dir>/LOCK``).
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import threading
@@ -38,16 +39,17 @@ from .. import _native
 from ..errors import ConfigError, TierIOError
 from .base import Tier
 from .disk_index import IndexEntry, IndexFailure
+from .disk_faults import DiskFaults
 from .disk_open import DiskDirectory
-from .slabs import ALIGN, FORMAT_VERSION, SlabFiles, SlabSlots, SlotGeometry, SpanBatch, address, block_checksums
+from .slabs import (ALIGN, CHECK_CHUNK, FORMAT_VERSION, SlabFiles, SlabSlots, SlotGeometry, SpanBatch, address,
+                    block_checksums)
 
 log = logging.getLogger(__name__)
 
 _DURABILITY = ("none", "data", "full")
-_READONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
-class DiskTier(DiskDirectory, Tier):
+class DiskTier(DiskDirectory, DiskFaults, Tier):
     medium = "disk"
 
     def __init__(self, name: str, path: str, block_bytes: int, capacity_bytes: int, *,
@@ -257,18 +259,25 @@ class DiskTier(DiskDirectory, Tier):
                 plan.add(i, e.slab, fd, e.offset + body, tails[i * tail:(i + 1) * tail].ctypes.data, tail)
         if not plan:
             return ok
-        res = _native.pread_spans(*plan.arrays(), self._threads(plan))
-        good = self._outcome(plan, res, "read")
-        rem = self.block_bytes - body
-        done = sorted(i for i, v in good.items() if v)
+        # blocks of 2 MiB and more: each read in two halves of >= 1 MiB, the first checksummed
+        # while the second is read (smaller blocks keep every read of the batch in flight at once)
+        if not tail and not bounce and self.block_bytes >= 2 * CHECK_CHUNK:
+            good, crc_of = self._read_staged(plan)
+            done = sorted(i for i, v in good.items() if v)
+        else:
+            res = _native.pread_spans(*plan.arrays(), self._threads(plan))
+            good = self._outcome(plan, res, "read")
+            rem = self.block_bytes - body
+            done = sorted(i for i, v in good.items() if v)
+            for i in done:
+                if i in bounce:
+                    _native.memcpy(dsts[i][:body], bounce[i])
+                if tail:
+                    _native.memcpy(dsts[i][body:], tails[i * tail:i * tail + rem])
+            crc_of = dict(zip(done, block_checksums([address(dsts[i]) for i in done], self.block_bytes,
+                                                    _native.DEFAULT_THREADS)))
         for i in done:
-            if i in bounce:
-                _native.memcpy(dsts[i][:body], bounce[i])
-            if tail:
-                _native.memcpy(dsts[i][body:], tails[i * tail:i * tail + rem])
-        crcs = block_checksums([address(dsts[i]) for i in done], self.block_bytes, _native.DEFAULT_THREADS)
-        for i, crc in zip(done, crcs):
-            if crc != entries[i].crc:
+            if crc_of[i] != entries[i].crc:
                 self._drop(keys[i], "corrupt_blocks", "checksum mismatch")
                 continue
             ok[i] = True
@@ -285,6 +294,44 @@ class DiskTier(DiskDirectory, Tier):
         self._counts["bytes_read"] += nok * g.slot_bytes
         return ok
 
+    def _read_staged(self, plan: SpanBatch) -> tuple[dict[int, bool], dict[int, int]]:
+        """Read whole-page blocks of two chunks or more in two stages, split at a 1 MiB chunk
+        boundary; the first stage is checksummed while the second is read (a block's
+        checksum is over its chunks' CRCs, so halves are checksummed independently)."""
+        bb = self.block_bytes
+        per = -(-bb // CHECK_CHUNK)
+        split = per // 2 * CHECK_CHUNK
+        first, second = SpanBatch(), SpanBatch()
+        rel: dict[int, list[int]] = {0: [], 1: []}         # each span's start inside its block
+        for j in range(len(plan)):
+            i, slab, fd, off, a = plan.block[j], plan.slab[j], plan.fd[j], plan.off[j], plan.addr[j]
+            first.add(i, slab, fd, off, a, split)
+            second.add(i, slab, fd, off + split, a + split, bb - split)
+            rel[0].append(0)
+            rel[1].append(split)
+        table = {i: np.zeros(per, dtype="<u4") for i in plan.block}
+
+        def checksum(batch: SpanBatch, starts: list[int]) -> None:
+            addrs, lens, where = [], [], []
+            for j in range(len(batch)):
+                for k in range(0, batch.length[j], CHECK_CHUNK):
+                    addrs.append(batch.addr[j] + k)
+                    lens.append(min(CHECK_CHUNK, batch.length[j] - k))
+                    where.append((batch.block[j], (starts[j] + k) // CHECK_CHUNK))
+            crcs = _native.crc32c_spans(np.array(addrs, dtype=np.uint64), np.array(lens, dtype=np.uint64),
+                                        _native.DEFAULT_THREADS)
+            for (i, c), crc in zip(where, crcs.tolist()):
+                table[i][c] = crc
+        res1 = _native.pread_spans(*first.arrays(), self._threads(first))
+        pending = self._pool().submit(_native.pread_spans, *second.arrays(), self._threads(second))
+        try:
+            checksum(first, rel[0])
+        finally:
+            res2 = pending.result()
+        checksum(second, rel[1])
+        good = self._outcome(first + second, np.concatenate([res1, res2]), "read")
+        return good, {i: _native.crc32c(t.tobytes()) for i, t in table.items()}
+
     def _threads(self, plan: "SpanBatch") -> int:
         """Blocks in flight at once: the batch, up to twice io_threads (a block may be two spans)."""
         return max(1, min(len(plan), 2 * self.io_threads))
@@ -296,75 +343,6 @@ class DiskTier(DiskDirectory, Tier):
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(2, thread_name_prefix=f"kvtier-{self.name}")
         return self._executor
-
-    # ---- failure handling ----------------------------------------------------------
-    def _outcome(self, plan: "SpanBatch", res: np.ndarray, what: str) -> dict[int, bool]:
-        """Per-block success of a batch of spans; errors are counted and acted on."""
-        good: dict[int, bool] = {}
-        for j, r in enumerate(res.tolist()):
-            i = plan.block[j]
-            full = r == plan.length[j]
-            good[i] = good.get(i, True) and full
-            if full:
-                continue
-            err = -r if r < 0 else None
-            slab = plan.slab[j]
-            if err in _READONLY_ERRNOS:
-                self._off("writes", f"{what} refused: {os.strerror(err)}")
-            elif err == errno.ENOSPC:
-                self._counts["enospc"] += 1
-                self._retire(slab, "ENOSPC")
-            elif err is None:
-                self._counts["short_" + what + "s"] += 1
-                self._once(f"short-{what}-{slab}", f"short {what} in slab {slab} (truncated file?)")
-            else:
-                self._counts["io_errors"] += 1
-                self._once(f"{what}-{err}-{slab}", f"{what} error in slab {slab}: {os.strerror(err)}")
-                if what == "write":
-                    self._retire(slab, errno.errorcode.get(err, str(err)))
-        return good
-
-    def _drop(self, key: bytes, counter: str | None, why: str | None) -> None:
-        """Forget a block whose bytes cannot be trusted (the cache frees its slot)."""
-        if counter is not None:
-            self._counts[counter] += 1
-            self._once(counter, f"dropped a block: {why}")
-        with self._lock:
-            self._deletes.add(key)
-            self._touches.pop(key, None)
-
-    def _retire(self, slab: int, why: str) -> None:
-        if self._files.failed(slab) is None:
-            self._files.mark_failed(slab, why)
-        if self._once(f"retire-{slab}", f"slab {slab} retired ({why}); capacity shrinks"):
-            self._counts["retired_slabs"] += 1
-            self._slots.retire(list(self.geometry.slots_of(slab)))
-
-    def _off(self, what: str, why: str) -> None:
-        if what == "writes" and self.writes_off is None:
-            self.writes_off = why
-        elif what == "reads" and self.reads_off is None:
-            self.reads_off = why
-        else:
-            return
-        self._counts[f"{what}_disabled"] += 1
-        log.warning("%s: %s disabled: %s", self.name, what, why)
-
-    def _once(self, kind: str, msg: str) -> bool:
-        if kind in self._logged:
-            return False
-        self._logged.add(kind)
-        log.warning("%s (%s): %s", self.name, self.path, msg)
-        return True
-
-    def _check_dir(self) -> None:
-        """A directory removed (or replaced) under us: stop writing into unlinked files."""
-        try:
-            ino = os.stat(os.path.join(self.path, "LOCK")).st_ino
-        except OSError:
-            ino = None
-        if ino != self._lock_ino:
-            self._off("writes", f"directory {self.path} vanished")
 
     def _flush(self) -> None:
         """Commit pending discards and access times."""
