@@ -1,38 +1,38 @@
 """Prefix-aware recency/frequency policy for KV prefix traffic.
 
-Each resident block has a priority; the lowest is evicted first:
+Each resident block has a priority, in clock ticks; the lowest is evicted first:
 
-    priority = (clock - pos) / capacity + min(w * log2(freq), r * interval / capacity)
-               - d * log2(pos + 1)
+    priority = (clock - pos) + gap * (w * log2(freq) - d * log2(pos + 1))
 
-* ``(clock - pos) / capacity`` is recency in cache turnovers.  The clock
-  ticks once per insert or hit; subtracting the block's depth ``pos`` gives
-  every block of one request the same time, so within a request the deeper
-  blocks (the leaves) go first: a block is useful only while every block
-  before it is resident.
+* ``clock - pos`` is recency.  The clock ticks once per insert or hit;
+  subtracting the block's depth ``pos`` gives every block of one request the
+  same time, so within a request the deeper blocks (the leaves) go first: a
+  block is useful only while every block before it is resident.
 * ``freq`` counts every insert and hit of the key, remembered across
   evictions in a bounded ghost table (``ghost_factor * capacity`` keys,
   least recently evicted forgotten first) and capped at ``max_freq``.
+* ``gap`` is the workload's typical reuse gap, measured: a running geometric
+  mean of the ticks between consecutive accesses of the blocks that come back.
+  Protection is given in those units, so it means the same at every capacity
+  (counted in cache turnovers instead, the same weight that is right for a
+  small cache keeps blocks far too long in a large one and loses to LRU).
 * ``w`` is learned, not fixed: the policy measures how often a block seen
   once comes back (``p_first``) and how often a block seen twice or more
   does (``p_repeat``), over the keys it still remembers, with exponential
   forgetting.  ``w = gain * (log2(p_repeat / p_first) - 0.1)``, clipped to
-  ``[0, freq_weight]`` (the margin keeps noise in the estimates from
-  turning into a weight).  Where frequency predicts reuse (shared system
-  prompts, documents, the Mooncake conversation trace: 0.25 vs 0.62) blocks
-  seen often outlive one-hit tails by ``w`` turnovers per doubling; where it
+  ``[0, freq_weight]`` (the margin keeps noise in the estimates from turning
+  into a weight).  Where frequency predicts reuse (shared system prompts,
+  documents, the Mooncake conversation trace: 0.25 vs 0.62) blocks seen often
+  outlive one-hit tails by ``w`` gaps per doubling of their count; where it
   does not (pure multi-turn chat, where the newest turn is as likely to come
   back as the oldest), ``w`` falls to 0 and the policy is LRU.
-* Optionally (``interval_factor``, off by default) the bonus is capped at
-  that many times the block's own reuse interval (a running average of the
-  gaps between its accesses): a block that came back every half turnover is
-  then not kept eighteen turnovers after it stopped.  That lets a new
-  tenant's working set in sooner after a switch, but it also lets a scan
-  longer than ``interval_factor`` intervals flush a hot prefix, so the
-  default keeps scan resistance.
 * ``d = depth_weight * w / freq_weight`` evicts deep blocks a little earlier:
   they belong to long prompts whose blocks are, per block, reused less.  It
   scales with ``w`` so the policy stays plain LRU where frequency says nothing.
+
+A one-shot scan cannot flush a hot prefix unless it outlasts the hot blocks'
+bonus (``w * log2(freq)`` gaps); a workload whose hot set changes abruptly
+(tenants taking turns) pays for that bonus once per switch.
 """
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ from . import EvictionPolicy, Protected, register_policy
 
 _PRIOR = 256.0      # pseudo-observations behind each reuse estimate
 _MARGIN = 0.1       # log2 ratio below which frequency is taken to say nothing (about 7%)
+_GAP_RATE = 1e-3    # weight of each observed gap in the running mean of log2(gap)
 
 
 @register_policy
@@ -54,15 +55,9 @@ class PrefixAware(EvictionPolicy):
     name = "prefix"
 
     def __init__(self, capacity: int, freq_weight: float = 3.0, depth_weight: float = 0.3,
-                 gain: float = 4.5, interval_factor: float | None = None, max_freq: int = 64,
-                 ghost_factor: int = 4):
+                 gain: float = 4.5, max_freq: int = 64, ghost_factor: int = 4):
         super().__init__(capacity)
-        if interval_factor is not None:
-            freq_args = (("interval_factor", interval_factor),)
-        else:
-            freq_args = ()
-        for key, value in (("freq_weight", freq_weight), ("depth_weight", depth_weight), ("gain", gain),
-                           *freq_args):
+        for key, value in (("freq_weight", freq_weight), ("depth_weight", depth_weight), ("gain", gain)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"prefix.{key}", value, "a non-negative number")
         for key, value in (("max_freq", max_freq), ("ghost_factor", ghost_factor)):
@@ -71,7 +66,6 @@ class PrefixAware(EvictionPolicy):
         self.max_freq_weight = float(freq_weight)
         self.max_depth_weight = float(depth_weight)
         self.gain = float(gain)
-        self.interval_factor = None if interval_factor is None else float(interval_factor)
         self.freq_weight = 0.0                  # learned: starts as LRU
         self.depth_weight = 0.0
         self.max_freq = max_freq
@@ -82,19 +76,21 @@ class PrefixAware(EvictionPolicy):
         self._forget_every = 8 * capacity
         self._ghost_max = ghost_factor * capacity
         self._clock = 0
+        self._log_gap = math.log2(capacity)     # until measured: one turnover
         self._seq = itertools.count()
-        # key -> (priority, pos, freq, clock when last seen, smoothed reuse interval or None)
-        self._resident: dict[bytes, tuple[float, int, int, int, float | None]] = {}
-        self._heap: list[tuple[float, int, int, bytes]] = []        # (priority, -pos, seq, key); lazy
-        # evicted key -> (freq, clock when last seen, smoothed reuse interval or None)
-        self._ghost: OrderedDict[bytes, tuple[int, int, float | None]] = OrderedDict()
+        self._resident: dict[bytes, tuple[float, int, int, int]] = {}   # key -> (priority, pos, freq, last)
+        self._heap: list[tuple[float, int, int, bytes]] = []           # (priority, -pos, seq, key); lazy
+        self._ghost: OrderedDict[bytes, tuple[int, int]] = OrderedDict()  # evicted key -> (freq, last)
 
     # ---- priority ----------------------------------------------------------------
-    def _priority(self, pos: int, freq: int, interval: float | None) -> float:
-        bonus = self.freq_weight * math.log2(freq)
-        if interval is not None and self.interval_factor is not None:
-            bonus = min(bonus, self.interval_factor * interval / self.capacity)
-        return (self._clock - pos) / self.capacity + bonus - self.depth_weight * math.log2(pos + 1)
+    @property
+    def reuse_gap(self) -> float:
+        """The typical reuse gap, in clock ticks (geometric running mean)."""
+        return 2.0 ** self._log_gap
+
+    def _priority(self, pos: int, freq: int) -> float:
+        bonus = self.freq_weight * math.log2(freq) - self.depth_weight * math.log2(pos + 1)
+        return (self._clock - pos) + self.reuse_gap * bonus
 
     @property
     def reuse_probabilities(self) -> tuple[float, float]:
@@ -124,20 +120,20 @@ class PrefixAware(EvictionPolicy):
                 self._seen[i] *= 0.5
                 self._back[i] *= 0.5
 
-    def _set(self, key: bytes, pos: int, prev: tuple[int, int, float | None] | None) -> None:
-        """Record one insert or hit of ``key``; ``prev`` is (freq, last clock, interval) if known."""
+    def _set(self, key: bytes, pos: int, prev: tuple[int, int] | None) -> None:
+        """Record one insert or hit of ``key``; ``prev`` is (freq, last clock) if it is known."""
         if prev is None:
-            freq, interval = 1, None
+            freq = 1
             self._learn(0, 1)
         else:
-            pfreq, last, interval = prev
-            gap = self._clock - last
-            interval = gap if interval is None else 0.5 * (interval + gap)
+            pfreq, last = prev
+            gap = max(1, self._clock - last)
+            self._log_gap += _GAP_RATE * (math.log2(gap) - self._log_gap)
             freq = min(pfreq + 1, self.max_freq)
             self._learn(pfreq, freq)
         self._clock += 1
-        pr = self._priority(pos, freq, interval)
-        self._resident[key] = (pr, pos, freq, self._clock, interval)
+        pr = self._priority(pos, freq)
+        self._resident[key] = (pr, pos, freq, self._clock)
         heapq.heappush(self._heap, (pr, -pos, next(self._seq), key))
         if len(self._heap) > 4 * len(self._resident) + 64:
             self._compact()
@@ -198,7 +194,7 @@ class PrefixAware(EvictionPolicy):
             out.append(key)
         return out
 
-    def _remember(self, key: bytes, record: tuple[int, int, float | None]) -> None:
+    def _remember(self, key: bytes, record: tuple[int, int]) -> None:
         self._ghost[key] = record
         self._ghost.move_to_end(key)
         while len(self._ghost) > self._ghost_max:
