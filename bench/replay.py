@@ -41,9 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _ratio_row(case: str, trace, hits: int, seconds: float, **extra) -> dict:
+    """A hit-ratio row: ``bytes`` is the logical KV served from cache; no rate (it is not a transfer)."""
     n = max(trace.num_blocks, 1)
-    return row(SUITE, case, hits * trace.block_tokens * KV_BYTES_PER_TOKEN, seconds, None,
-               hit_ratio=round(hits / n, 4), **extra)
+    r = row(SUITE, case, hits * trace.block_tokens * KV_BYTES_PER_TOKEN, seconds, None,
+            hit_ratio=round(hits / n, 4), **extra)
+    r["gbps"] = None
+    return r
 
 
 def run(args) -> list[dict]:
