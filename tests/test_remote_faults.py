@@ -70,9 +70,11 @@ def test_keys_live_on_their_owners_and_a_joining_server_moves_about_a_quarter(kv
 
 def test_replicas_serve_when_a_server_dies(kvservers):  # noqa: F811
     servers = kvservers(3, *ARGS)
-    t = tier(servers, replication=2, timeout_ms=500)
+    writer = tier(servers, replication=2, timeout_ms=10_000)     # first puts open the namespaces
     keys = [k(i) for i in range(60)]
-    assert t.write(keys, [0] * 60, [block(x, BB) for x in keys]) == [True] * 60
+    assert writer.write(keys, [0] * 60, [block(x, BB) for x in keys]) == [True] * 60
+    writer.close()
+    t = tier(servers, replication=2, timeout_ms=500)
     servers[1].kill()
     out = dsts(60)
     assert t.read(keys, [0] * 60, out) == [True] * 60

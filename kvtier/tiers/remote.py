@@ -1,13 +1,15 @@
 """RemoteTier: blocks kept by kvtier servers (``kvtier serve``), over ZeroMQ.
 
 Keys are sharded across the servers by rendezvous (highest-random-weight)
-hashing: each key ranks every server by ``blake2b(server || key)`` and lives on
-the top ``replication`` of them, so adding a server moves only about 1/N of
+hashing: each key ranks every server by a BLAKE2b of the key keyed by the
+server's address, and lives on the top ``replication`` of them, so adding a server moves only about 1/N of
 the keys and removing one moves only its own.
 
-Each call sends one batched request per server at once (DEALER sockets, one
-per request in flight, taken from a per-server pool) and waits for all the
-replies up to ``timeout_ms``.  A request that times out, or whose reply does
+Each call sends batched requests of a few MiB to all the servers it needs at
+once (DEALER sockets, one per request in flight, taken from a per-server
+pool), consumes each reply as it arrives, and waits for the rest up to
+``timeout_ms``.  With replication, a block missing on its first server is
+asked of the next.  A request that times out, or whose reply does
 not validate, is a miss: its socket is closed and a fresh one made next time,
 so a late reply can never be taken for another request's; the server is then
 skipped for a short, growing back-off.  Bytes in flight, summed over all
@@ -18,6 +20,7 @@ that comes back with a different checksum is a miss, never returned.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import logging
@@ -46,9 +49,14 @@ def _zmq():
     return zmq
 
 
+@functools.lru_cache(maxsize=4096)
+def _server_salt(server: str) -> bytes:
+    return hashlib.blake2b(server.encode(), digest_size=32, person=b"kvtier-hrw").digest()
+
+
 def rank_servers(key: bytes, servers: Sequence[str]) -> list[int]:
     """Server indices ordered by rendezvous weight for ``key`` (best first)."""
-    scores = [hashlib.blake2b(key, digest_size=8, key=s.encode()[:64]).digest() for s in servers]
+    scores = [hashlib.blake2b(key, digest_size=8, key=_server_salt(s)).digest() for s in servers]
     return sorted(range(len(servers)), key=lambda i: scores[i], reverse=True)
 
 
