@@ -5,8 +5,8 @@ complete blocks only:
 
     1. commit pending discards (a freed slot is rewritten only after the index
        stops naming its old block)
-    2. pwrite every block of the batch (native thread pool; the checksums are
-       computed meanwhile, on the caller's thread)
+    2. pwrite every block of the batch (native thread pool; for batches of 2 MiB
+       or more the checksums are computed meanwhile, on the caller's thread)
     3. fdatasync the touched slabs              (durability "data" and "full")
     4. commit the new index entries in one LMDB transaction (+ sync for "full")
 
@@ -47,6 +47,7 @@ from .slabs import (ALIGN, CHECK_CHUNK, FORMAT_VERSION, SlabFiles, SlabSlots, Sl
 log = logging.getLogger(__name__)
 
 _DURABILITY = ("none", "data", "full")
+OVERLAP_BYTES = 2 << 20      # batches this large checksum on the caller's thread while the write runs
 
 
 class DiskTier(DiskDirectory, DiskFaults, Tier):
@@ -186,12 +187,16 @@ class DiskTier(DiskDirectory, DiskFaults, Tier):
         if not plan:
             self._counts["write_failures"] += n
             return ok
-        # the bytes go out while their checksums are computed: the index needs them, the I/O does not
-        pending = self._pool().submit(_native.pwrite_spans, *plan.arrays(), self._threads(plan))
-        try:
+        if n * self.block_bytes >= OVERLAP_BYTES:
+            # the bytes go out while their checksums are computed: the index needs them, the I/O does not
+            pending = self._pool().submit(_native.pwrite_spans, *plan.arrays(), self._threads(plan))
+            try:
+                crcs = block_checksums(addrs, self.block_bytes, _native.DEFAULT_THREADS)
+            finally:
+                res = pending.result()
+        else:                                # a small batch: checksumming costs less than a thread hand-off
+            res = _native.pwrite_spans(*plan.arrays(), self._threads(plan))
             crcs = block_checksums(addrs, self.block_bytes, _native.DEFAULT_THREADS)
-        finally:
-            res = pending.result()
         good = self._outcome(plan, res, "write")
         if self.durability != "none":
             for slab in self._files.sync({plan.slab[j] for j in range(len(plan)) if good[plan.block[j]]}):
