@@ -9,7 +9,6 @@ client correctly.
 from __future__ import annotations
 
 import random
-import time
 
 import msgpack
 import pytest

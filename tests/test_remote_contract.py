@@ -9,7 +9,7 @@ from kvtier.tiers.host import HostTier
 from kvtier.tiers.remote import RemoteTier, make_remote_tier, rank_servers
 
 from conftest import block, k
-from test_remote_support import kvservers, redis_cluster, redis_server  # noqa: F401 (fixtures)
+from test_remote_support import RedisProc, kvservers  # noqa: F401 (fixture)
 
 BB = 64 * 1024 + 100
 POISON = 0xA5
@@ -25,7 +25,6 @@ def make_tier(request, kvservers, tmp_path):  # noqa: F811
         servers = [s.endpoint for s in kvservers(2, "--quota", "16MiB", "--capacity", "64MiB")]
         cfg = dict(backend="zmq", servers=servers, replication=1)
     else:
-        from test_remote_support import RedisProc
         r = RedisProc(cluster=request.param == "redis-cluster").start(str(tmp_path))
         request.addfinalizer(r.kill)
         cfg = dict(backend="redis", servers=[r.url], redis_cluster=request.param == "redis-cluster")

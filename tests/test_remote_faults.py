@@ -14,7 +14,7 @@ from kvtier import protocol as P
 from kvtier.tiers.remote import RemoteTier, rank_servers
 
 from conftest import block, k
-from test_remote_support import ServerProc, free_port, kvservers  # noqa: F401 (fixture)
+from test_remote_support import free_port, kvservers  # noqa: F401 (fixture)
 
 BB = 32 * 1024
 ARGS = ("--quota", "16MiB", "--capacity", "64MiB")

@@ -164,17 +164,3 @@ class RedisProc:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    r = RedisProc().start(str(tmp_path))
-    yield r
-    r.kill()
-
-
-@pytest.fixture
-def redis_cluster(tmp_path):
-    r = RedisProc(cluster=True).start(str(tmp_path))
-    yield r
-    r.kill()
