@@ -91,13 +91,18 @@ def run(args) -> list[dict]:
             continue
         rows += got
         status[suite] = f"ran: {len(got)} rows in {time.perf_counter() - t0:.0f} s"
+        _write(out, rows, status, table)            # after every suite: a later crash loses nothing
+    _write(out, rows, status, table)
+    print(f"report: {os.path.join(out, 'report.md')}")
+    return rows
+
+
+def _write(out: str, rows: list[dict], status: dict[str, str], table) -> None:
     with open(os.path.join(out, "results.jsonl"), "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     with open(os.path.join(out, "report.md"), "w", encoding="utf-8") as f:
         f.write(markdown(rows, status, out, table))
-    print(f"report: {os.path.join(out, 'report.md')}")
-    return rows
 
 
 def markdown(rows: list[dict], status: dict[str, str], out: str, table) -> str:
