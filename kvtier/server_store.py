@@ -1,0 +1,139 @@
+"""One namespace of a kvtier server: a TieredCache whose blocks carry their checksum.
+
+``kvtier serve`` (:mod:`kvtier.server`) keeps one :class:`NamespaceStore` per
+namespace (tenant).  Its cache has a HostTier sized by the namespace's byte
+quota, and a DiskTier (write-through, no admission filter) under ``--disk``.
+A stored block is the client's bytes followed by an 8-byte trailer (CRC32C,
+magic), so the checksum the client computed travels with the block through
+every tier and back; a block without its trailer is dropped, never served.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+
+from . import protocol as P
+from .errors import ConfigError
+from .handles import READY
+
+TRAILER = struct.Struct("<II")          # crc32c of the block, magic
+MAGIC = 0x6B767431                       # "kvt1"
+
+
+def disk_name(namespace: str) -> str:
+    """A directory name for a namespace: readable, and distinct for distinct namespaces."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in namespace)[:64]
+    return f"{safe}-{hashlib.blake2b(namespace.encode(), digest_size=6).hexdigest()}"
+
+
+class NamespaceStore:
+    """One namespace's blocks: a TieredCache whose blocks carry a checksum trailer."""
+
+    def __init__(self, name: str, block_bytes: int, quota_bytes: int, disk_dir: str | None,
+                 disk_bytes: int):
+        from .cache import TieredCache
+        from .config import DiskConfig, HostConfig, KVTierConfig
+        from .keys import Namespace
+        from .tiers.factory import build_tiers
+        self.name = name
+        self.block_bytes = block_bytes
+        self.stored_bytes = block_bytes + TRAILER.size
+        disk = None
+        if disk_dir:
+            path = os.path.join(disk_dir, disk_name(name))
+            # every block goes to disk as it is stored (clients chose to store it: no admission filter),
+            # so a restarted server still has it
+            disk = DiskConfig(path=path, capacity_bytes=disk_bytes, admission="none", write_mode="through")
+            os.makedirs(disk_dir, exist_ok=True)
+            with open(path + ".json", "w", encoding="utf-8") as f:      # lets a restart reopen it
+                json.dump({"namespace": name, "block_bytes": block_bytes}, f)
+        cfg = KVTierConfig(host=HostConfig(capacity_bytes=quota_bytes, pinned="off"), disk=disk,
+                           staging_bytes=min(64 << 20, quota_bytes) if disk_dir else 0, transfer_threads=1)
+        ns = Namespace(model="kvtier-server", block_tokens=1, tenant=name)
+        try:
+            tiers, policies = build_tiers(cfg, ns, self.stored_bytes)
+        except ModuleNotFoundError as e:
+            raise ConfigError("--disk", disk_dir, f"a build of kvtier with a disk tier ({e})") from e
+        self.cache = TieredCache(tiers, policies, lease_timeout_s=60.0, staging_bytes=cfg.staging_bytes,
+                                 transfer_threads=1, namespace=ns)
+        self.capacity_bytes = tiers[0].num_slots * tiers[0].slot_bytes
+        self._chunk = max(1, tiers[0].num_slots // 2)     # a put larger than host memory goes in steps
+
+    def resident_blocks(self) -> int:
+        return self.cache.stats().get(f"{self.cache.tiers[0].name}.resident_blocks", 0)
+
+    def put(self, keys, crcs, payloads) -> tuple[list[bool], int]:
+        """Store blocks whose payload matches its CRC; (per-key stored, corrupt count)."""
+        stored = [False] * len(keys)
+        good = [i for i, (want, got) in enumerate(zip(crcs, P.payload_crcs(payloads))) if want == got]
+        corrupt = len(keys) - len(good)
+        for c in range(0, len(good), self._chunk):
+            if c and len(self.cache.tiers) > 1:
+                self.cache.flush(5.0)        # backpressure: let the evicted blocks reach the disk
+            self._put(good[c:c + self._chunk], keys, crcs, payloads, stored)
+        return stored, corrupt
+
+    def _put(self, good, keys, crcs, payloads, stored) -> None:
+        sub = [keys[i] for i in good]
+        h = self.cache.prepare_store(sub, owner="put")
+        taken = set(h.positions) if h is not None else set()
+        if h is not None:
+            bb = self.block_bytes
+            P.copy_payloads([v[:bb] for v in h.views], [payloads[good[j]] for j in h.positions])
+            for view, j in zip(h.views, h.positions):
+                i = good[j]
+                view[bb:] = TRAILER.pack(crcs[i], MAGIC)
+                stored[i] = True
+            self.cache.complete_store(h, True)
+        for j, i in enumerate(good):
+            if j not in taken and self.cache.lookup([sub[j]]).num_blocks:
+                stored[i] = True                     # already held (or a duplicate in this request)
+
+    def get(self, key: bytes, wait_s: float):
+        """(crc, bytes, load handle or None) of a stored block, or None.
+
+        With a handle, the bytes are a view of the leased host slot: complete_load(handle)
+        once they have been sent.
+        """
+        h = self.cache.prepare_load([key], owner="get")
+        if h is None:
+            return None
+        if not h.ready():
+            h.wait(wait_s)
+        if h.num_ok != 1:
+            self.cache.complete_load(h, success=False)
+            return None
+        view = h.views[0]
+        crc, magic = TRAILER.unpack(view[self.block_bytes:])
+        if magic != MAGIC:                          # never written whole: drop it
+            self.cache.complete_load(h, success=False)
+            self.delete([key])
+            return None
+        if len(self.cache.tiers) > 1:
+            # blocks promoted from disk need host slots: copy out and release at once, so one
+            # large get cannot pin the whole host tier while its reply is on the wire
+            data = bytes(view[:self.block_bytes])
+            self.cache.complete_load(h)
+            return crc, data, None
+        return crc, view[:self.block_bytes], h
+
+    def exists(self, keys) -> list[bool]:
+        return [self.cache.lookup([k]).num_blocks == 1 for k in keys]
+
+    def delete(self, keys) -> int:
+        # TieredCache has no public per-key removal; _drop is its own removal path
+        # (discard in the tier, free the slot once no lease holds it).
+        cache, n = self.cache, 0
+        with cache._lock:
+            for key in keys:
+                for t in range(len(cache.tiers)):
+                    e = cache._index[t].get(key)
+                    if e is not None and e.state == READY:
+                        cache._drop(t, key)
+                        n += 1
+        return n
+
+    def close(self) -> None:
+        self.cache.close()
