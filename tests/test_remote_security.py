@@ -149,3 +149,27 @@ def test_sigterm_stops_gracefully_and_metrics_are_exposed(kvservers):  # noqa: F
     t.close()
     srv.kill(signal.SIGTERM)
     assert srv.proc.returncode == 0
+
+
+def test_oversized_requests_and_frames_are_refused(kvservers):  # noqa: F811
+    import zmq
+    from kvtier import protocol as P
+    srv = kvservers(1, "--max-request-bytes", "1MiB", "--quota", "8MiB")[0]
+    bb = 768 * 1024
+    t = RemoteTier("remote", bb, [srv.endpoint], namespace="alice", timeout_ms=5000)
+    keys = [k(1), k(2)]
+    assert t.write(keys, [0, 0], [b"\1" * bb, b"\2" * bb]) == [False, False]   # one 1.5 MiB request
+    assert t.stats().get("server_error.too_large", 0) == 1
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(srv.endpoint)                      # a frame over the 64 MiB limit: the peer is dropped
+    s.send_multipart([P.encode_request("put", 9, "alice", keys=[k(3)], block_bytes=bb, crcs=[0]),
+                      b"\0" * ((64 << 20) + 1)])
+    assert not s.poll(1000)
+    s.close(0)
+    ctx.term()
+    assert t.write([k(4)], [0], [b"\4" * bb]) == [True]                        # others still served
+    out = [memoryview(bytearray(bb))]
+    assert t.read([k(4)], [0], out) == [True] and bytes(out[0]) == b"\4" * bb
+    t.close()
