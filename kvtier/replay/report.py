@@ -8,7 +8,8 @@ text and Markdown tables.
 Prefill time saved is an estimate: every hit block saves ``block_tokens *
 prefill_ms_per_token`` of compute and costs ``logical_block_bytes /
 bandwidth`` of loading from its tier; the net is reported per tier, so a tier
-too slow to be worth loading from shows up as a negative number.  Bandwidths
+too slow to be worth loading from shows up as a negative number and counts as
+zero in the total (an engine would recompute those blocks instead).  Bandwidths
 are given, or measured here: host by the native memcpy, disk by reading back a
 file written with fsync after dropping it from the page cache.
 """
@@ -90,8 +91,10 @@ def prefill_saved(res: ReplayResult, prefill_ms_per_token: float, gbps: dict[str
         bw = gbps.get(name)
         load = hits * cfg.logical_block_bytes / (bw * 1e9) if bw else None
         net = compute - load if load is not None else None
-        out[name] = {"compute_s": compute, "load_s": load, "net_s": net, "gbps": bw}
-        total += net if net is not None else compute
+        worth = net is None or net > 0
+        out[name] = {"compute_s": compute, "load_s": load, "net_s": net, "gbps": bw, "worth_loading": worth}
+        if worth:                       # an engine recomputes rather than load from a slower tier
+            total += net if net is not None else compute
     recompute_all = res.num_blocks * cfg.block_tokens * prefill_ms_per_token / 1000.0
     out["total_net_s"] = total
     out["prefill_without_cache_s"] = recompute_all
@@ -155,7 +158,9 @@ def format_text(s: dict) -> str:
             t = p[name]
             bw = f"{t['gbps']:.2f} GB/s" if t["gbps"] else "unknown bandwidth"
             load = f"{t['load_s']:.1f}" if t["load_s"] is not None else "?"
-            lines.append(f"prefill {name}: {t['compute_s']:.1f} s of compute saved, {load} s loading at {bw}")
+            verdict = "" if t["worth_loading"] else " (slower than recompute: not counted)"
+            lines.append(f"prefill {name}: {t['compute_s']:.1f} s of compute saved, {load} s loading at {bw}"
+                         f"{verdict}")
         lines.append(f"prefill saved: {p['total_net_s']:.1f} s of {p['prefill_without_cache_s']:.1f} s "
                      f"({100 * p['fraction_saved']:.1f}%)")
     return "\n".join(lines)
