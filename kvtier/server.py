@@ -118,6 +118,8 @@ class Server:
         self.sock.setsockopt(zmq.RCVHWM, 64)            # bounds what clients can queue here
         self.sock.setsockopt(zmq.MAXMSGSIZE, max(limits.max_block_bytes, P.MAX_HEADER_BYTES))
         self.curve = curve_secret is not None
+        self._pending: deque = deque()          # (tracker, store, load handles) of zero-copy sends
+        self._leased: tuple = (None, ())        # the current get's (store, load handles)
         if self.curve:
             self._start_curve(curve_secret)
         try:
@@ -128,8 +130,6 @@ class Server:
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         if disk_dir:
             self._reopen(disk_dir)
-        self._pending: deque = deque()          # (tracker, store, load handles) of zero-copy sends
-        self._leased: tuple = (None, ())        # the current get's (store, load handles)
         self._running = False
         self._started = time.monotonic()
 

@@ -26,7 +26,7 @@ def test_nothing_listening_is_a_bounded_miss():
     assert t.read([k(1)], [0], dsts(1)) == [False]
     assert t.contains([k(1)]) == [False]
     t.discard([k(1)], [0])
-    assert time.monotonic() - start < 3.0
+    assert time.monotonic() - start < 10.0          # bounded: no hang (generous for loaded CI)
     st = t.stats()
     assert st.get("errors", 0) + st.get("timeouts", 0) >= 1
     t.close()
@@ -41,7 +41,7 @@ def test_killed_and_restarted_server(tmp_path):
         r.kill()
         start = time.monotonic()
         assert t.read(keys, [0] * 8, dsts(8)) == [False] * 8
-        assert time.monotonic() - start < 3.0
+        assert time.monotonic() - start < 10.0          # bounded: no hang (generous for loaded CI)
         r.start(str(tmp_path))                      # same port, empty (no persistence)
         deadline = time.monotonic() + 15
         while t.write(keys, [0] * 8, [block(x, BB) for x in keys]) != [True] * 8:

@@ -37,6 +37,7 @@ class ServerProc:
 
     def __init__(self, args: list[str], host: str = "127.0.0.1", port: int | None = None):
         self.host = host
+        self._auto_port = port is None
         self.port = port or free_port(host)
         self.args = args
         self.proc: subprocess.Popen | None = None
@@ -47,6 +48,21 @@ class ServerProc:
         return f"tcp://{self.host}:{self.port}"
 
     def start(self, expect_ok: bool = True) -> "ServerProc":
+        for _ in range(5):
+            try:
+                started = self._start(expect_ok)
+                self._auto_port = False        # restarts keep the endpoint clients know
+                return started
+            except RuntimeError:
+                # a port picked by free_port() can be taken (e.g. as some client's
+                # ephemeral port) before the server binds it: pick another
+                if not (self._auto_port and "Address already in use" in self.output):
+                    raise
+                self.port = free_port(self.host)
+        return self._start(expect_ok)
+
+    def _start(self, expect_ok: bool) -> "ServerProc":
+        self.output = ""
         cmd = [sys.executable, "-m", "kvtier.server", "--bind", self.endpoint, *self.args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT)
         self._listening = threading.Event()
