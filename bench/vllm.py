@@ -60,7 +60,9 @@ def run(args) -> list[dict]:
     misses = [_prompt(2000 + i, n, vocab) for i in range(reps)]
     env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": str(args.reserved_cpus)}
     disk = work / "disk"
-    kvtier = {"host": {"capacity_bytes": "2GiB"},
+    # staging_bytes bounds the blocks in flight to disk: it must hold a whole
+    # prompt's blocks, or write-through drops (and counts) the ones that do not fit.
+    kvtier = {"host": {"capacity_bytes": "2GiB"}, "staging_bytes": "512MiB",
               "disk": {"path": str(disk), "capacity_bytes": "4GiB", "write_mode": "through",
                        "admission": "none"}}
     chat = {"op": "chat", "conversations": args.conversations, "turns": args.turns,

@@ -77,3 +77,47 @@ def test_shared_arena_is_one_memory_for_two_mappings(tmp_path, monkeypatch):
     assert a.array[0] == 9
     a.close()
     b.close()
+
+
+def test_host_arena_larger_than_free_shared_memory_is_refused(tmp_path):
+    from kvtier.integrations.vllm import shm
+    with pytest.raises(ConfigError) as e:
+        shm.SharedArena.create(str(tmp_path / "arena"), 1 << 60, key="kv_connector_extra_config.host.capacity_bytes")
+    assert e.value.key == "kv_connector_extra_config.host.capacity_bytes"
+    assert not (tmp_path / "arena").exists()
+
+
+def _geometry(page_shape=(2, 32, 64), dtype="float32", layers=2):
+    from kvtier.integrations.vllm.geometry import EngineGeometry
+    from kvtier.keys import Namespace
+    ns = Namespace(model="m", block_tokens=32, dtype=dtype, layout="vllm/cpu/auto/LBHNC",
+                   page_shape=page_shape)
+    item = 4 if dtype == "float32" else 2
+    page = page_shape[0] * page_shape[1] * page_shape[2] * item
+    return EngineGeometry(ns, 32, layers, page, tuple(f"l{i}" for i in range(layers)))
+
+
+@pytest.mark.parametrize("shape, dtype, ok", [
+    ((8, 2, 32, 64), "float32", True),
+    ((8, 2, 32, 64), "bfloat16", False),      # same shape, other dtype
+    ((8, 2, 16, 64), "float32", False),       # smaller pages
+])
+def test_worker_refuses_tensors_that_do_not_match_the_namespace(shape, dtype, ok):
+    import torch
+    from kvtier.layout import BlockLayout
+    layout = BlockLayout([torch.zeros(shape, dtype=getattr(torch, dtype)) for _ in range(2)])
+    g = _geometry()
+    if ok:
+        g.check_layout(layout)
+    else:
+        with pytest.raises(ConfigError):
+            g.check_layout(layout)
+
+
+def test_layout_and_page_shape_are_part_of_every_key():
+    from kvtier.keys import Namespace, salt_hashes
+    h = [b"\x01" * 32]
+    a = Namespace(model="m", block_tokens=32, dtype="float32", layout="vllm/cpu/auto/LBHNC", page_shape=(2, 32, 64))
+    b = Namespace(model="m", block_tokens=32, dtype="float32", layout="vllm/cpu/auto/LBNHC", page_shape=(2, 32, 64))
+    c = Namespace(model="m", block_tokens=32, dtype="float32", layout="vllm/cpu/auto/LBHNC", page_shape=(4, 32, 32))
+    assert len({salt_hashes(ns, h)[0] for ns in (a, b, c)}) == 3

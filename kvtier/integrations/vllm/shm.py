@@ -54,6 +54,10 @@ class SharedArena:
             log.warning("removed a stale host arena %s", path)
         except FileNotFoundError:
             pass
+        st = os.statvfs(os.path.dirname(path) or ".")
+        free = st.f_bavail * st.f_frsize
+        if nbytes > free:       # checked first: fallocate would fill the tmpfs before failing
+            raise ConfigError(key, nbytes, f"at most the {free} bytes free in {os.path.dirname(path)}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.posix_fallocate(fd, 0, nbytes)
