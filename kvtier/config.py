@@ -54,7 +54,7 @@ def _positive(key: str, value: object, *, zero_ok: bool = False) -> None:
 class HostConfig:
     """The pinned host-memory tier."""
     capacity_bytes: int = 1 << 30
-    policy: str = "lru"
+    policy: str = "prefix"        # beats LRU on real prefix traffic (see README, Trace replay)
     pinned: str = "auto"          # auto: pinned when CUDA is available; on: required; off: never
 
     def validate(self, p: str) -> None:

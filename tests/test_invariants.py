@@ -13,7 +13,7 @@ from kvtier.tiers.base import SlotAllocator
 
 from conftest import block, k
 
-POLICIES = ["lru", "s3fifo"]
+POLICIES = ["lru", "s3fifo", "prefix"]
 
 
 @given(st.lists(st.tuples(st.booleans(), st.integers(0, 6)), max_size=200))
