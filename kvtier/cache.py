@@ -352,6 +352,24 @@ class TieredCache:
         for key, e in zip(handle.keys, handle.entries):
             self._unlease(0, key, e)
 
+    def discard(self, keys: Sequence[bytes]) -> int:
+        """Forget stored blocks in every tier; returns how many copies were dropped.
+
+        A leased copy leaves the index at once; its slot is freed when the last
+        lease is released.  Blocks still pending or on their way down are left alone.
+        """
+        check_keys(keys)
+        n = 0
+        with self._lock:
+            for key in keys:
+                for t in range(len(self.tiers)):
+                    e = self._index[t].get(key)
+                    if e is not None and e.state == READY:
+                        self._drop(t, key)
+                        n += 1
+            self._stats["discarded_blocks"] += n
+        return n
+
     # ---- leases, owners, deadlines ---------------------------------------------------
     def release(self, owner: Hashable) -> int:
         """Abort every handle ``owner`` still holds; returns how many."""

@@ -16,7 +16,6 @@ import struct
 
 from . import protocol as P
 from .errors import ConfigError
-from .handles import READY
 
 TRAILER = struct.Struct("<II")          # crc32c of the block, magic
 MAGIC = 0x6B767431                       # "kvt1"
@@ -123,17 +122,7 @@ class NamespaceStore:
         return [self.cache.lookup([k]).num_blocks == 1 for k in keys]
 
     def delete(self, keys) -> int:
-        # TieredCache has no public per-key removal; _drop is its own removal path
-        # (discard in the tier, free the slot once no lease holds it).
-        cache, n = self.cache, 0
-        with cache._lock:
-            for key in keys:
-                for t in range(len(cache.tiers)):
-                    e = cache._index[t].get(key)
-                    if e is not None and e.state == READY:
-                        cache._drop(t, key)
-                        n += 1
-        return n
+        return self.cache.discard(keys)
 
     def close(self) -> None:
         self.cache.close()

@@ -196,3 +196,17 @@ def test_promotion_cascade_never_evicts_its_own_source():
     c.flush()
     assert c.lookup([k(2)]).num_blocks == 0          # the unleased block below made room
     assert verify_load(c, [3]) == 1                  # and the demoted one is intact
+
+
+def test_discard_drops_every_copy_and_waits_for_leases():
+    c = make(num_slots=(2, 4))
+    store(c, [1]); store(c, [2]); store(c, [3])       # 1 demoted to t1
+    c.flush()
+    h = c.prepare_load([k(3)], "reader")
+    assert c.discard([k(1), k(3), k(9)]) == 2
+    assert c.lookup([k(1)]).num_blocks == 0 and c.lookup([k(3)]).num_blocks == 0
+    assert bytes(h.views[0]) == block(k(3), BB)       # the leased copy is still intact
+    used = c.tiers[0].num_slots - c.tiers[0].num_free
+    c.complete_load(h)
+    assert c.tiers[0].num_slots - c.tiers[0].num_free == used - 1
+    assert verify_load(c, [2]) == 1
