@@ -52,6 +52,11 @@ def _ttfts(phases, case: str) -> list[float]:
 
 
 def run(args) -> list[dict]:
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        from kvtier.errors import MissingDependencyError
+        raise MissingDependencyError("vllm", "vllm", "kvtier bench vllm")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kvtier-bench-vllm-"))
     model = build_llama(work / "models", dtype=args.dtype, **BENCH)
     vocab = BENCH["vocab_size"]

@@ -82,3 +82,19 @@ def test_worker_metadata_aggregate_requires_every_worker():
     assert m.load_results == {1: False, 2: True}
     assert m.store_results == {5: True, 6: False}
     assert m.attached
+
+
+def test_prometheus_counters_follow_observed_stats():
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+    from kvtier.integrations.vllm.stats import KVTierPromMetrics
+
+    prom = KVTierPromMetrics(SimpleNamespace(kv_transfer_config=None),
+                             {Gauge: Gauge, Counter: Counter, Histogram: Histogram},
+                             ["model_name", "engine"], {0: ["m", "0"]})
+    prom.observe({"hit_blocks": 3, "load_bytes": 4096}, engine_idx=0)
+    prom.observe({"hit_blocks": 2}, engine_idx=0)
+    labels = {"model_name": "m", "engine": "0"}
+    assert REGISTRY.get_sample_value("vllm:kvtier_hit_blocks_total", labels) == 5
+    assert REGISTRY.get_sample_value("vllm:kvtier_load_bytes_total", labels) == 4096
