@@ -60,10 +60,9 @@ class TierMovement:
                 moving.append((key, e))
         if moving:
             self._copy_down(t, down, moving)
-        for key in victims:
-            e = index.pop(key)
-            tier.discard([key], [e.slot])
-            tier.free([e.slot])
+        slots = [index.pop(key).slot for key in victims]
+        tier.discard(victims, slots)
+        tier.free(slots)
 
     def _record_use(self, keys: Sequence[bytes]) -> None:
         for f in self._admission:

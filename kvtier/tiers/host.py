@@ -52,6 +52,7 @@ class HostTier(Tier):
         self._tensor = None
         if memory == "none":
             self._arena = None
+            self._mv = None
             return
         nbytes = self.slot_bytes * num_slots
         if memory == "pinned":
@@ -64,14 +65,19 @@ class HostTier(Tier):
             self._arena = self._tensor.numpy()
         else:
             try:
-                # anonymous, page-aligned; populated now so no store pays for page faults
-                flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-                self._mmap = mmap.mmap(-1, nbytes, flags=flags)
+                # anonymous and page-aligned
+                self._mmap = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             except (OSError, OverflowError) as e:
                 raise ConfigError(f"{name}.capacity_bytes", nbytes,
                                   f"an amount of memory this machine can map ({e})") from e
+            try:   # huge pages where the kernel offers them: scattered page copies miss the TLB less
+                self._mmap.madvise(mmap.MADV_HUGEPAGE)
+            except (AttributeError, OSError):
+                pass
             self._arena = np.frombuffer(self._mmap, dtype=np.uint8)
+            self._arena[::4096] = 0        # populate now, so no store pays for page faults
         self._base = self._arena.ctypes.data
+        self._mv = memoryview(self._arena)           # slicing this is cheap; ndarray export is not
         log.debug("%s: %d slots of %d bytes, %s memory", name, num_slots, self.slot_bytes, memory)
 
     @property
@@ -87,7 +93,8 @@ class HostTier(Tier):
             return None
         if not 0 <= slot < self.num_slots:
             raise KVTierError(f"{self.name}: slot {slot} out of range [0, {self.num_slots})")
-        return memoryview(self._slot(slot))
+        off = slot * self.slot_bytes
+        return self._mv[off:off + self.block_bytes]
 
     def addresses(self, slots: Sequence[int]) -> np.ndarray | None:
         if self._arena is None:
@@ -113,6 +120,7 @@ class HostTier(Tier):
         return d
 
     def close(self) -> None:
+        self._mv = None
         self._arena = None
         self._tensor = None
         if self._mmap is not None:
