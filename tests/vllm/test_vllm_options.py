@@ -121,3 +121,31 @@ def test_layout_and_page_shape_are_part_of_every_key():
     b = Namespace(model="m", block_tokens=32, dtype="float32", layout="vllm/cpu/auto/LBNHC", page_shape=(2, 32, 64))
     c = Namespace(model="m", block_tokens=32, dtype="float32", layout="vllm/cpu/auto/LBHNC", page_shape=(4, 32, 32))
     assert len({salt_hashes(ns, h)[0] for ns in (a, b, c)}) == 3
+
+
+def test_shared_cache_round_trip_through_the_arena(tmp_path):
+    """The scheduler's cache and a worker-side mapping see the same slot bytes."""
+    from kvtier.config import KVTierConfig
+    from kvtier.keys import Namespace
+    from kvtier.integrations.vllm import shm
+
+    path = str(tmp_path / "arena")
+    cfg = KVTierConfig.from_dict({"host": {"capacity_bytes": 8 * 8192}})
+    ns = Namespace(model="m", block_tokens=32)
+    cache = shm.build_shared_cache(cfg, ns, 8192, path)
+    host = cache.tiers[0]
+    assert isinstance(host, shm.SharedHostTier) and host.num_slots == 8
+    worker = shm.SharedArena.attach(path, host.shared.nbytes)
+    keys = [bytes([i]) * 16 for i in range(3)]
+    h = cache.prepare_store(keys, owner="w")
+    for i, slot in enumerate(h.slots):          # the worker writes through its own mapping
+        worker.array[slot * host.slot_bytes:slot * host.slot_bytes + 8192] = i + 1
+    cache.complete_store(h, True)
+    assert cache.lookup(keys).num_blocks == 3
+    ld = cache.prepare_load(keys, owner="r")
+    assert ld.ready() and ld.num_ok == 3
+    assert [bytes(v[:4]) for v in ld.views] == [bytes([i + 1]) * 4 for i in range(3)]
+    cache.complete_load(ld)
+    cache.close()
+    worker.close()
+    assert not (tmp_path / "arena").exists()

@@ -12,12 +12,14 @@ tier's arena is a file in ``/dev/shm`` that each process maps:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import mmap
 import os
 
 import numpy as np
 
+from ... import _native
 from ...config import KVTierConfig
 from ...errors import ConfigError, KVTierError
 from ...keys import Namespace
@@ -40,8 +42,9 @@ class SharedArena:
         self.path = path
         self.nbytes = nbytes
         try:
-            self._mmap = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED,
-                                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            # MAP_POPULATE: map every page now, so no copy pays for page faults
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            self._mmap = mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
         self.array = np.frombuffer(self._mmap, dtype=np.uint8)
@@ -91,7 +94,11 @@ class SharedArena:
 
 
 class SharedHostTier(HostTier):
-    """A HostTier whose arena is a :class:`SharedArena` instead of private memory."""
+    """A HostTier whose arena is a :class:`SharedArena` instead of private memory.
+
+    Every method that touches bytes is defined here, on the shared mapping, so
+    this tier does not depend on how HostTier keeps its own arena.
+    """
 
     def __init__(self, name: str, block_bytes: int, num_slots: int, arena: SharedArena):
         super().__init__(name, block_bytes, num_slots, memory="none")
@@ -101,8 +108,38 @@ class SharedHostTier(HostTier):
         self.shared = arena
         self._arena = arena.array
         self._base = arena.base
+        self._mv = memoryview(arena.array)
+
+    @property
+    def stores_bytes(self) -> bool:
+        return self._mv is not None
+
+    def _slot(self, slot: int):
+        if self._mv is None:
+            raise KVTierError(f"{self.name}: closed")
+        if not 0 <= slot < self.num_slots:
+            raise KVTierError(f"{self.name}: slot {slot} out of range [0, {self.num_slots})")
+        off = slot * self.slot_bytes
+        return self._mv[off:off + self.block_bytes]
+
+    def view(self, slot: int) -> memoryview | None:
+        return self._slot(slot)
+
+    def addresses(self, slots):
+        return np.uint64(self._base) + np.asarray(slots, dtype=np.uint64) * np.uint64(self.slot_bytes)
+
+    def write(self, keys, slots, srcs) -> list[bool]:
+        for slot, src in zip(slots, srcs):
+            _native.memcpy(self._slot(slot), src)
+        return [True] * len(slots)
+
+    def read(self, keys, slots, dsts) -> list[bool]:
+        for slot, dst in zip(slots, dsts):
+            _native.memcpy(dst, self._slot(slot))
+        return [True] * len(slots)
 
     def close(self) -> None:
+        self._mv = None
         self._arena = None
         self.shared.unlink()
         self.shared.close()
@@ -128,7 +165,10 @@ def build_shared_cache(cfg: KVTierConfig, namespace: Namespace, block_bytes: int
     slot, num_slots = host_geometry(cfg, block_bytes)
     arena = SharedArena.create(path, slot * num_slots, key="kv_connector_extra_config.host.capacity_bytes")
     try:
-        tiers, policies = build_tiers(cfg, namespace, block_bytes)
+        # The factory builds the lower tiers; its host tier gets one slot, as
+        # it is replaced by the shared one at once.
+        small = dataclasses.replace(cfg, host=dataclasses.replace(cfg.host, capacity_bytes=slot))
+        tiers, policies = build_tiers(small, namespace, block_bytes)
     except BaseException:
         arena.unlink()
         arena.close()
