@@ -62,7 +62,12 @@ class SlotAllocator:
                     raise KVTierError(f"slot {s} freed but not allocated")
             for s in slots:
                 self._used[s] = 0
-                self._free.append(s)
+                if self._reusable(s):
+                    self._free.append(s)
+
+    def _reusable(self, slot: int) -> bool:
+        """Whether a freed slot goes back on the free list (subclasses retire slots)."""
+        return True
 
     def is_allocated(self, slot: int) -> bool:
         return bool(self._used[slot])

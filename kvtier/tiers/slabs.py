@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import _native
-from ..errors import ConfigError, KVTierError, TierIOError
+from ..errors import ConfigError, TierIOError
 from .base import SlotAllocator
 
 log = logging.getLogger(__name__)
@@ -295,15 +295,8 @@ class SlabSlots(SlotAllocator):
                 self._retired[s] = 1
             self._free = [s for s in self._free if not self._retired[s]]
 
-    def free(self, slots: Sequence[int]) -> None:
-        with self._lock:
-            for s in slots:
-                if not 0 <= s < len(self._used) or not self._used[s]:
-                    raise KVTierError(f"slot {s} freed but not allocated")
-            for s in slots:
-                self._used[s] = 0
-                if not self._retired[s]:
-                    self._free.append(s)
+    def _reusable(self, slot: int) -> bool:
+        return not self._retired[slot]
 
     @property
     def num_retired(self) -> int:
