@@ -210,3 +210,16 @@ def test_discard_drops_every_copy_and_waits_for_leases():
     c.complete_load(h)
     assert c.tiers[0].num_slots - c.tiers[0].num_free == used - 1
     assert verify_load(c, [2]) == 1
+
+
+def test_host_tier_over_an_external_buffer():
+    import numpy as np
+    buf = np.zeros(2 * 8192, dtype=np.uint8)
+    with pytest.raises(ConfigError, match="buffer"):
+        HostTier("h", BB, 4, buffer=buf)                     # too small for 4 slots of 8 KiB
+    with pytest.raises(ConfigError, match="buffer"):
+        HostTier("h", BB, 2, buffer=buf.view(np.uint16))
+    c = TieredCache([HostTier("h", BB, 2, buffer=buf)], transfer_threads=0)
+    store(c, [1])
+    assert bytes(buf[:BB]) == block(k(1), BB)                # the bytes live in the caller's buffer
+    assert verify_load(c, [1]) == 1

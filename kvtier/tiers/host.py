@@ -40,16 +40,28 @@ class HostTier(Tier):
     medium = "host"
     addressable = True
 
-    def __init__(self, name: str, block_bytes: int, num_slots: int, memory: str = "auto"):
+    def __init__(self, name: str, block_bytes: int, num_slots: int, memory: str = "auto",
+                 buffer: np.ndarray | None = None):
+        """``buffer``: a uint8 array to use as the arena instead of allocating one
+        (e.g. shared memory mapped by several processes); its owner frees it."""
         super().__init__(name, block_bytes, num_slots)
+        self.slot_bytes = _round_up(block_bytes, SLOT_ALIGN)
+        self._mmap = None
+        self._tensor = None
+        if buffer is not None:
+            need = self.slot_bytes * num_slots
+            if not (isinstance(buffer, np.ndarray) and buffer.dtype == np.uint8 and buffer.ndim == 1
+                    and buffer.flags.c_contiguous and buffer.nbytes >= need):
+                raise ConfigError(f"{name}.buffer", getattr(buffer, "shape", type(buffer).__name__),
+                                  f"a contiguous 1-D uint8 array of at least {need} bytes")
+            self.memory = "external"
+            self._attach(buffer)
+            return
         if memory not in _MEMORY:
             raise ConfigError(f"{name}.memory", memory, "one of " + ", ".join(_MEMORY))
         if memory == "auto":
             memory = "pinned" if _cuda_available() else "pageable"
         self.memory = memory
-        self.slot_bytes = _round_up(block_bytes, SLOT_ALIGN)
-        self._mmap = None
-        self._tensor = None
         if memory == "none":
             self._arena = None
             self._mv = None
@@ -62,7 +74,7 @@ class HostTier(Tier):
             except RuntimeError as e:
                 raise ConfigError(f"{name}.capacity_bytes", nbytes,
                                   f"an amount of pinned memory this machine can lock ({e})") from e
-            self._arena = self._tensor.numpy()
+            arena = self._tensor.numpy()
         else:
             try:
                 # anonymous and page-aligned
@@ -74,11 +86,15 @@ class HostTier(Tier):
                 self._mmap.madvise(mmap.MADV_HUGEPAGE)
             except (AttributeError, OSError):
                 pass
-            self._arena = np.frombuffer(self._mmap, dtype=np.uint8)
-            self._arena[::4096] = 0        # populate now, so no store pays for page faults
-        self._base = self._arena.ctypes.data
-        self._mv = memoryview(self._arena)           # slicing this is cheap; ndarray export is not
+            arena = np.frombuffer(self._mmap, dtype=np.uint8)
+            arena[::4096] = 0              # populate now, so no store pays for page faults
+        self._attach(arena)
         log.debug("%s: %d slots of %d bytes, %s memory", name, num_slots, self.slot_bytes, memory)
+
+    def _attach(self, arena: np.ndarray) -> None:
+        self._arena = arena
+        self._base = arena.ctypes.data
+        self._mv = memoryview(arena)              # slicing this is cheap; ndarray export is not
 
     @property
     def stores_bytes(self) -> bool:

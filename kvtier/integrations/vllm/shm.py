@@ -19,7 +19,6 @@ import os
 
 import numpy as np
 
-from ... import _native
 from ...config import KVTierConfig
 from ...errors import ConfigError, KVTierError
 from ...keys import Namespace
@@ -94,53 +93,17 @@ class SharedArena:
 
 
 class SharedHostTier(HostTier):
-    """A HostTier whose arena is a :class:`SharedArena` instead of private memory.
-
-    Every method that touches bytes is defined here, on the shared mapping, so
-    this tier does not depend on how HostTier keeps its own arena.
-    """
+    """A HostTier whose arena is a :class:`SharedArena`, mapped by scheduler and worker."""
 
     def __init__(self, name: str, block_bytes: int, num_slots: int, arena: SharedArena):
-        super().__init__(name, block_bytes, num_slots, memory="none")
-        if arena.nbytes < self.slot_bytes * num_slots:
+        if arena.nbytes < _round_up(block_bytes, SLOT_ALIGN) * num_slots:
             raise KVTierError(f"{name}: arena of {arena.nbytes} bytes is too small for {num_slots} slots")
+        super().__init__(name, block_bytes, num_slots, buffer=arena.array)
         self.memory = "shared"
         self.shared = arena
-        self._arena = arena.array
-        self._base = arena.base
-        self._mv = memoryview(arena.array)
-
-    @property
-    def stores_bytes(self) -> bool:
-        return self._mv is not None
-
-    def _slot(self, slot: int):
-        if self._mv is None:
-            raise KVTierError(f"{self.name}: closed")
-        if not 0 <= slot < self.num_slots:
-            raise KVTierError(f"{self.name}: slot {slot} out of range [0, {self.num_slots})")
-        off = slot * self.slot_bytes
-        return self._mv[off:off + self.block_bytes]
-
-    def view(self, slot: int) -> memoryview | None:
-        return self._slot(slot)
-
-    def addresses(self, slots):
-        return np.uint64(self._base) + np.asarray(slots, dtype=np.uint64) * np.uint64(self.slot_bytes)
-
-    def write(self, keys, slots, srcs) -> list[bool]:
-        for slot, src in zip(slots, srcs):
-            _native.memcpy(self._slot(slot), src)
-        return [True] * len(slots)
-
-    def read(self, keys, slots, dsts) -> list[bool]:
-        for slot, dst in zip(slots, dsts):
-            _native.memcpy(dst, self._slot(slot))
-        return [True] * len(slots)
 
     def close(self) -> None:
-        self._mv = None
-        self._arena = None
+        super().close()
         self.shared.unlink()
         self.shared.close()
 
