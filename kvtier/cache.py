@@ -411,9 +411,6 @@ class TieredCache(TierMovement):
             out["open_handles"] = sum(len(v) for v in self._owners.values())
             return out
 
-    def tier_stats(self) -> list[dict]:
-        return [t.stats() for t in self.tiers]
-
     def close(self) -> None:
         self.flush(timeout=60)
         self._engine.close()

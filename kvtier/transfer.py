@@ -127,10 +127,6 @@ class TransferEngine:
         with self._idle:
             return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
-    @property
-    def num_pending(self) -> int:
-        return self._pending
-
     def close(self) -> None:
         with self._idle:
             if self._closed:
