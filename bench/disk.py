@@ -1,13 +1,17 @@
 """``kvtier bench disk``: the disk tier against the raw native path, dd and file-per-block.
 
-For each block size and queue depth (blocks per batch = I/O threads) a working
-set is written and read back four ways, in one run, on one filesystem:
+For each block size and queue depth (blocks per batch; the tier runs
+max(depth, 4) I/O threads) a working set is written and read back four ways,
+in one run, on one filesystem:
 
     tier         DiskTier.write / DiskTier.read from / into page-aligned host
-                 buffers: O_DIRECT spans on the native thread pool, checksums
-                 both ways, an LMDB commit per batch
-    raw          the same native O_DIRECT pwrite/pread spans on one
-                 preallocated file: no index, no checksum (the peak)
+                 buffers: O_DIRECT on the native thread pool, every block (or
+                 piece of one: a batch of fewer blocks than threads is cut into
+                 pieces) checksummed by the thread that moves it, an LMDB
+                 lookup or commit per batch
+    raw          the same native O_DIRECT pwrite/pread of the same pieces on the
+                 same number of threads, on one preallocated file: no index, no
+                 checksum (the peak)
     dd           ``dd bs=4M oflag=direct`` / ``iflag=direct`` (one row per run)
     safetensors  one file per block, ``safetensors.numpy.save_file`` /
                  ``load_file`` + a copy into the destination, as simple
@@ -42,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default=None,
                    help="directory to benchmark in (default: ./kvtier-bench-disk under the current directory)")
     p.add_argument("--sizes", default=",".join(str(s) for s in SIZES),
-                   help="block sizes in bytes, comma-separated (default 256KiB,1MiB,4MiB,8MiB)")
+                   help="block sizes, comma-separated, in bytes or like 1MiB (default 256KiB,1MiB,4MiB,8MiB)")
     p.add_argument("--depths", default=",".join(str(d) for d in DEPTHS),
                    help="queue depths (blocks per batch = I/O threads), comma-separated (default 1,4,16)")
     p.add_argument("--working-set", type=int, default=256 << 20,
@@ -58,15 +62,24 @@ def _label(n: int) -> str:
     return f"{n >> 20}MiB" if n >= 1 << 20 else f"{n >> 10}KiB"
 
 
-def _ints(text: str) -> list[int]:
-    return [int(s) for s in str(text).split(",") if s.strip()]
+def _ints(text: str, key: str = "--depths") -> list[int]:
+    from kvtier.errors import ConfigError
+    try:
+        return [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(key, text, "positive ints, comma-separated") from None
+
+
+def _sizes(text: str) -> list[int]:
+    from kvtier.config import parse_size
+    return [parse_size("--sizes", s.strip()) for s in str(text).split(",") if s.strip()]
 
 
 def run(args) -> list[dict]:
     from kvtier import _native
     from kvtier.errors import ConfigError
 
-    sizes, depths = _ints(args.sizes), _ints(args.depths)
+    sizes, depths = _sizes(args.sizes), _ints(args.depths)
     if not sizes or any(s <= 0 for s in sizes):
         raise ConfigError("--sizes", args.sizes, "positive byte sizes, comma-separated")
     if not depths or any(d <= 0 for d in depths):
@@ -141,8 +154,12 @@ def _interleaved(fns: dict, repeat: int) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def _io_threads(qd: int) -> int:
+    return max(qd, 4)
+
+
 def _tier(tier, src, dst, n: int, bb: int, qd: int) -> dict:
-    tier.io_threads = qd
+    tier.io_threads = _io_threads(qd)
     keys = [i.to_bytes(16, "little") for i in range(n)]
     slots = getattr(tier, "_bench_slots", None) or tier.allocate(n)
     tier._bench_slots = slots
@@ -163,6 +180,7 @@ def _tier(tier, src, dst, n: int, bb: int, qd: int) -> dict:
 
 def _raw(work: str, src, dst, n: int, bb: int, qd: int) -> dict:
     from kvtier import _native
+    from kvtier.tiers.slabs import io_plan
     path = os.path.join(work, f"raw-{bb}")
     flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_DIRECT", 0)
     try:
@@ -171,20 +189,25 @@ def _raw(work: str, src, dst, n: int, bb: int, qd: int) -> dict:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)   # no O_DIRECT here: buffered, like the tier
     if os.fstat(fd).st_size < n * bb:
         os.posix_fallocate(fd, 0, n * bb)
-    offs = np.arange(n, dtype=np.int64) * bb
-    saddr = src.ctypes.data + offs.astype(np.uint64)
-    daddr = dst.ctypes.data + offs.astype(np.uint64)
-    lens = np.full(n, bb, dtype=np.uint64)
+    batches = []                                  # the tier's pieces and threads, batch by batch
+    for i in range(0, n, qd):
+        m = min(qd, n - i)
+        piece, threads = io_plan(m, bb, _io_threads(qd))
+        piece = piece or bb
+        starts = np.arange(0, bb, piece, dtype=np.int64)
+        offs = ((np.arange(i, i + m, dtype=np.int64) * bb)[:, None] + starts[None, :]).reshape(-1)
+        lens = np.minimum(bb - starts, piece).astype(np.uint64)
+        batches.append((offs, np.tile(lens, m), threads))
 
-    def io(fn, addrs):
+    def io(fn, base):
         def go():
-            for i in range(0, n, qd):
-                res = fn(fd, offs[i:i + qd], addrs[i:i + qd], lens[i:i + qd], qd)
-                if (res != bb).any():
+            for offs, lens, threads in batches:
+                res = fn(fd, offs, base + offs.astype(np.uint64), lens, threads)
+                if (res != lens.astype(np.int64)).any():
                     raise RuntimeError(f"raw I/O failed: {res.tolist()}")
         return go
-    return {"write": io(_native.pwrite_spans, saddr), "read": io(_native.pread_spans, daddr),
-            "close": lambda: os.close(fd)}
+    return {"write": io(_native.pwrite_spans, np.uint64(src.ctypes.data)),
+            "read": io(_native.pread_spans, np.uint64(dst.ctypes.data)), "close": lambda: os.close(fd)}
 
 
 def _safetensors(work: str, src, dst, n: int, bb: int, repeat: int) -> dict[str, float]:

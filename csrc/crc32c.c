@@ -197,3 +197,41 @@ uint32_t kv_crc32c_update(uint32_t reg, const void *buf, size_t n)
 #endif
     return kv_crc32c_update_sw(reg, buf, n);
 }
+
+/* ---- combining ------------------------------------------------------------
+ * Polynomials over GF(2) mod the Castagnoli polynomial, bit-reflected (bit 31
+ * is x^0). Appending n bytes multiplies the register by x^(8n); x^(2^k) for
+ * k < 64 is tabulated once, so shifting by any length takes at most 64
+ * multiplications. */
+
+static uint32_t gf2_mul(uint32_t a, uint32_t b)
+{
+    uint32_t product = 0;
+    for (uint32_t bit = 1u << 31; bit; bit >>= 1) {
+        if (a & bit)
+            product ^= b;
+        b = (b & 1) ? (b >> 1) ^ POLY : b >> 1; /* b *= x */
+    }
+    return product;
+}
+
+static uint32_t x_pow2[64];                /* x_pow2[k] = x^(2^k) */
+static pthread_once_t pow_once = PTHREAD_ONCE_INIT;
+
+static void init_pow2(void)
+{
+    x_pow2[0] = 1u << 30;                  /* x^1 */
+    for (int k = 1; k < 64; k++)
+        x_pow2[k] = gf2_mul(x_pow2[k - 1], x_pow2[k - 1]);
+}
+
+uint32_t kv_crc32c_combine(uint32_t crc1, uint32_t crc2, uint64_t len2)
+{
+    pthread_once(&pow_once, init_pow2);
+    uint32_t shift = 1u << 31;             /* x^0 */
+    for (int k = 3; len2; len2 >>= 1, k++) /* x^(8 * len2) = product of x^(2^k), k = 3.. */
+        if (len2 & 1)
+            shift = gf2_mul(x_pow2[k & 63], shift);
+    return gf2_mul(shift, crc1) ^ crc2;
+}
+

@@ -28,4 +28,8 @@ static inline uint32_t kv_crc32c(uint32_t value, const void *buf, size_t n)
     return ~kv_crc32c_update(~value, buf, n);
 }
 
+/* CRC32C of A followed by B, from crc1 = CRC32C(A), crc2 = CRC32C(B) and
+ * len2 = len(B): what lets separate threads checksum parts of one buffer. */
+uint32_t kv_crc32c_combine(uint32_t crc1, uint32_t crc2, uint64_t len2);
+
 #endif

@@ -300,6 +300,117 @@ static PyObject *py_pwrite_spans(PyObject *self, PyObject *args, PyObject *kw)
     return io_common(args, kw, 1, "OOOO|O:pwrite_spans");
 }
 
+/* ---- pread_blocks / pwrite_blocks ---------------------------------------- */
+
+static int parse_fds(PyObject *ofds, Py_buffer *fds, int *one_fd)
+{
+    if (PyLong_Check(ofds) && !PyBool_Check(ofds)) {
+        long v = PyLong_AsLong(ofds);
+        if ((v == -1 && PyErr_Occurred()) || v < INT32_MIN || v > INT32_MAX) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "fds must be a file descriptor, got %R", ofds);
+            return -1;
+        }
+        *one_fd = (int)v;
+        return 0;
+    }
+    return kv_get_array(ofds, "fds", "int32 or int64", KV_FDS, fds) < 0 ? -1 : 1;
+}
+
+static PyObject *blocks_common(PyObject *args, PyObject *kw, int write, const char *fmt)
+{
+    static char *kwlist[] = {"fds", "offsets", "addrs", "block_len", "chunk_len", "piece_len",
+                             "threads", NULL};
+    PyObject *ofds, *ooff, *oaddr, *othreads = Py_None, *result = NULL;
+    unsigned long long block_len, chunk_len, piece_len = 0;
+    Py_buffer fds = {0}, off, addr;
+    int threads, one_fd = -1, have_fds;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, fmt, kwlist, &ofds, &ooff, &oaddr, &block_len,
+                                     &chunk_len, &piece_len, &othreads))
+        return NULL;
+    if (kv_parse_threads(othreads, default_threads, &threads) < 0)
+        return NULL;
+    if (block_len == 0 || chunk_len == 0) {
+        PyErr_Format(PyExc_ValueError, "block_len and chunk_len must be positive, got %llu and %llu",
+                     block_len, chunk_len);
+        return NULL;
+    }
+    if (piece_len && piece_len < block_len && piece_len % chunk_len && chunk_len % piece_len) {
+        PyErr_Format(PyExc_ValueError,
+                     "piece_len must divide chunk_len (%llu) or be a multiple of it, got %llu",
+                     chunk_len, piece_len);
+        return NULL;
+    }
+    if ((have_fds = parse_fds(ofds, &fds, &one_fd)) < 0)
+        return NULL;
+    if (kv_get_array(ooff, "offsets", "int64 or uint64", KV_OFFSETS, &off) < 0)
+        goto done_fds;
+    if (kv_get_array(oaddr, "addrs", "uint64", KV_U64, &addr) < 0)
+        goto done_off;
+    if ((have_fds && kv_same_length("fds", &fds, "addrs", &addr) < 0) ||
+        kv_same_length("offsets", &off, "addrs", &addr) < 0)
+        goto done;
+    Py_ssize_t n = kv_count(&addr);
+    const uint64_t *a = addr.buf;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (kv_check_span("addrs", i, a[i], block_len) < 0)
+            goto done;
+    int *fd = PyMem_RawMalloc((size_t)(n ? n : 1) * sizeof(int));
+    int64_t *offsets = PyMem_RawMalloc((size_t)(n ? n : 1) * sizeof(int64_t));
+    PyObject *res = new_result(n, sizeof(int64_t)), *crcs = new_result(n, sizeof(uint32_t));
+    if (!fd || !offsets || !res || !crcs) {
+        if (!res || !crcs)
+            PyErr_Clear();
+        PyErr_NoMemory();
+        goto free_all;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!have_fds)
+            fd[i] = one_fd;
+        else if (fds.itemsize == 4)
+            fd[i] = ((const int32_t *)fds.buf)[i];
+        else {
+            int64_t v = ((const int64_t *)fds.buf)[i];
+            fd[i] = v < INT32_MIN || v > INT32_MAX ? -1 : (int)v; /* -1: EBADF */
+        }
+        offsets[i] = (int64_t)((const uint64_t *)off.buf)[i]; /* past INT64_MAX: EINVAL */
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = kv_io_blocks(write, fd, offsets, a, (size_t)n, block_len, chunk_len, piece_len,
+                      (int64_t *)PyByteArray_AS_STRING(res),
+                      (uint32_t *)PyByteArray_AS_STRING(crcs), threads);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        PyErr_NoMemory();
+        goto free_all;
+    }
+    result = PyTuple_Pack(2, res, crcs);
+free_all:
+    Py_XDECREF(res);
+    Py_XDECREF(crcs);
+    PyMem_RawFree(fd);
+    PyMem_RawFree(offsets);
+done:
+    PyBuffer_Release(&addr);
+done_off:
+    PyBuffer_Release(&off);
+done_fds:
+    if (have_fds)
+        PyBuffer_Release(&fds);
+    return result;
+}
+
+static PyObject *py_pread_blocks(PyObject *self, PyObject *args, PyObject *kw)
+{
+    return blocks_common(args, kw, 0, "OOOKK|KO:pread_blocks");
+}
+
+static PyObject *py_pwrite_blocks(PyObject *self, PyObject *args, PyObject *kw)
+{
+    return blocks_common(args, kw, 1, "OOOKK|KO:pwrite_blocks");
+}
+
 static PyObject *py_pool_workers(PyObject *self, PyObject *unused)
 {
     return PyLong_FromLong(kv_pool_num_workers());
@@ -332,6 +443,12 @@ static PyMethodDef methods[] = {
      "pread_spans(fds, offsets, addrs, lengths, threads=None) -> bytearray of int64"},
     {"pwrite_spans", KW py_pwrite_spans, METH_VARARGS | METH_KEYWORDS,
      "pwrite_spans(fds, offsets, addrs, lengths, threads=None) -> bytearray of int64"},
+    {"pread_blocks", KW py_pread_blocks, METH_VARARGS | METH_KEYWORDS,
+     "pread_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len=0, threads=None)"
+     " -> (bytearray of int64, bytearray of uint32)"},
+    {"pwrite_blocks", KW py_pwrite_blocks, METH_VARARGS | METH_KEYWORDS,
+     "pwrite_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len=0, threads=None)"
+     " -> (bytearray of int64, bytearray of uint32)"},
     {"_pool_workers", py_pool_workers, METH_NOARGS,
      "_pool_workers() -> number of worker threads started so far"},
     {"_set_streaming", py_set_streaming, METH_O,

@@ -34,4 +34,18 @@ struct kv_io {
  * bytes it got. Errors land in result as -errno; nothing is raised. */
 void kv_io_spans(int write, struct kv_io *reqs, size_t n, int threads);
 
+/* Checksummed block I/O: block i is block_len bytes at offsets[i] of fds[i] and
+ * at addrs[i] in memory; its checksum is the CRC32C of the little-endian
+ * CRC32Cs of its chunk_len-byte chunks (the last one may be shorter). Blocks
+ * are cut into pieces of piece_len bytes (0 or more than block_len: whole
+ * blocks) that move in parallel, each checksummed by the thread that moves it
+ * (after a read, before a write). piece_len must divide chunk_len or be a
+ * multiple of it, unless it is the whole block. results[i] is the bytes moved
+ * or the first -errno of its pieces; crcs[i] is the checksum when results[i]
+ * == block_len (of the bytes read, or of the bytes written), else 0.
+ * Returns 0, or ENOMEM before any I/O. */
+int kv_io_blocks(int write, const int *fds, const int64_t *offsets, const uint64_t *addrs,
+                 size_t n, uint64_t block_len, uint64_t chunk_len, uint64_t piece_len,
+                 int64_t *results, uint32_t *crcs, int threads);
+
 #endif

@@ -14,6 +14,12 @@ Ops:
     crc32c_spans(addrs, lengths, threads=None) -> uint32[]   one checksum per span
     pwrite_spans / pread_spans(fds, offsets, addrs, lengths, threads=None) -> int64[]
                                                              bytes moved or -errno per span
+    pwrite_blocks / pread_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len=0,
+                                 threads=None) -> (int64[], uint32[])
+                                                             whole blocks, each checksummed by
+        the thread that moves it (CRC32C over its chunk_len chunks' CRC32Cs, as
+        block_checksums in kvtier.tiers.slabs); pieces of piece_len bytes move in
+        parallel, so checksumming overlaps I/O even within one block
     alloc_aligned(nbytes, alignment=4096) -> uint8[]         buffers fit for O_DIRECT
 
 Address and length arguments are 1-D contiguous numpy uint64 arrays (offsets
@@ -110,6 +116,17 @@ if _ext is not None:
         """pread every span; int64 results: bytes read (short at end of file) or -errno."""
         return np.frombuffer(_ext.pread_spans(fds, offsets, addrs, lengths, threads),
                              dtype=np.int64)
+
+    def pwrite_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len=0, threads=None):
+        """Checksum then pwrite every block: (int64 bytes written or -errno, uint32 checksums)."""
+        res, crcs = _ext.pwrite_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len, threads)
+        return np.frombuffer(res, dtype=np.int64), np.frombuffer(crcs, dtype=np.uint32)
+
+    def pread_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len=0, threads=None):
+        """pread then checksum every block: (int64 bytes read or -errno, uint32 checksums,
+        valid where the whole block was read)."""
+        res, crcs = _ext.pread_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len, threads)
+        return np.frombuffer(res, dtype=np.int64), np.frombuffer(crcs, dtype=np.uint32)
 else:
     copy_spans = _reference.copy_spans
     memcpy = _reference.memcpy
@@ -117,9 +134,12 @@ else:
     crc32c_spans = _reference.crc32c_spans
     pwrite_spans = _reference.pwrite_spans
     pread_spans = _reference.pread_spans
+    pwrite_blocks = _reference.pwrite_blocks
+    pread_blocks = _reference.pread_blocks
 
 __all__ = [
     "mode", "NATIVE", "HARDWARE_CRC", "DEFAULT_THREADS", "NativeExtensionMissing",
     "copy_spans", "memcpy", "crc32c", "crc32c_spans", "pwrite_spans", "pread_spans",
+    "pwrite_blocks", "pread_blocks",
     "alloc_aligned",
 ]

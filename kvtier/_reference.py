@@ -335,3 +335,68 @@ def pwrite_spans(fds, offsets, addrs, lengths, threads=None) -> np.ndarray:
 def pread_spans(fds, offsets, addrs, lengths, threads=None) -> np.ndarray:
     """pread every span; int64 results: bytes read (short at end of file) or -errno."""
     return _io_spans(False, fds, offsets, addrs, lengths, threads)
+
+
+# ---- checksummed block I/O ----------------------------------------------
+
+def _block_args(block_len, chunk_len, piece_len) -> int:
+    for name, v in (("block_len", block_len), ("chunk_len", chunk_len), ("piece_len", piece_len)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise TypeError(f"{name} must be a non-negative int, got {v!r}")
+    if block_len == 0 or chunk_len == 0:
+        raise ValueError(f"block_len and chunk_len must be positive, got {block_len} and {chunk_len}")
+    if piece_len and piece_len < block_len and piece_len % chunk_len and chunk_len % piece_len:
+        raise ValueError(f"piece_len must divide chunk_len ({chunk_len}) or be a multiple of it, "
+                         f"got {piece_len}")
+    return piece_len if 0 < piece_len < block_len else block_len
+
+
+def _io_blocks(write, fds, offsets, addrs, block_len, chunk_len, piece_len, threads):
+    piece = _block_args(block_len, chunk_len, piece_len)
+    addr = _array(addrs, "addrs", ("uint64",))
+    n = addr.size
+    starts = list(range(0, block_len, piece))
+    rep = len(starts)
+    for i, a in enumerate(addr.tolist()):
+        _check_span("addrs", i, a, block_len)
+    if not (isinstance(fds, int) and not isinstance(fds, bool)):
+        fds = _array(fds, "fds", ("int32", "int64"))
+        _same_length("fds", fds, "addrs", addr)
+        fds = np.repeat(fds, rep)
+    res = _io_spans(write, fds, _piece_offsets(offsets, n, starts, block_len),
+                    np.repeat(addr, rep) + np.tile(np.array(starts, np.uint64), n),
+                    np.tile(np.array([min(piece, block_len - s) for s in starts], np.uint64), n), threads)
+    results = np.empty(n, dtype=np.int64)
+    crcs = np.zeros(n, dtype=np.uint32)
+    for i in range(n):
+        r = res[i * rep:(i + 1) * rep]
+        neg = r[r < 0]
+        results[i] = neg[0] if neg.size else r.sum()
+        if results[i] == block_len:
+            table = b"".join(crc32c(_at(int(addr[i]) + c, min(chunk_len, block_len - c))).to_bytes(4, "little")
+                             for c in range(0, block_len, chunk_len))
+            crcs[i] = crc32c(table)
+    return results, crcs
+
+
+def _piece_offsets(offsets, n: int, starts: list[int], block_len: int) -> np.ndarray:
+    offs = _array(offsets, "offsets", ("int64", "uint64"))
+    if offs.size != n:
+        raise ValueError(f"offsets and addrs must have the same length, got {offs.size} and {n}")
+    out = []
+    for o in offs.tolist():
+        if o > _INT64_MAX:
+            o -= 2**64
+        bad = o < 0 or o > _INT64_MAX - block_len          # EINVAL for every piece, as the extension
+        out += [-1 if bad else o + s for s in starts]
+    return np.array(out, dtype=np.int64)
+
+
+def pwrite_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len=0, threads=None):
+    """Checksum then pwrite every block: (int64 bytes written or -errno, uint32 checksums)."""
+    return _io_blocks(True, fds, offsets, addrs, block_len, chunk_len, piece_len, threads)
+
+
+def pread_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len=0, threads=None):
+    """pread then checksum every block: (int64 bytes read or -errno, uint32 checksums)."""
+    return _io_blocks(False, fds, offsets, addrs, block_len, chunk_len, piece_len, threads)

@@ -24,11 +24,12 @@ def _flip(t, slot: int, where: int, rng: random.Random) -> None:
         f.write(bytes([old ^ rng.randint(1, 255)]))
 
 
+@pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("bb,slots,rounds", [(8192, 32, ROUNDS), (5000, 32, ROUNDS), (5 << 19, 6, 8)])
-def test_random_flips_are_detected_every_time(tmp_path, bb, slots, rounds):
+def test_random_flips_are_detected_every_time(tmp_path, bb, slots, rounds, aligned):
     rng = random.Random(bb)
     t = make(tmp_path, bb=bb, slots=slots, per_slab=8)
-    placed = put(t, range(slots))
+    placed = put(t, range(slots), aligned=aligned)
     detected = 0
     for rnd in range(rounds):
         victims = rng.sample(sorted(placed), rng.randint(1, 4))
@@ -36,15 +37,15 @@ def test_random_flips_are_detected_every_time(tmp_path, bb, slots, rounds):
             for _ in range(rng.randint(1, 3)):
                 _flip(t, placed[key], rng.randrange(bb), rng)
         assert not t.check()["ok"]
-        ok = verify(t, placed)                   # asserts every ok block is byte-identical
+        ok = verify(t, placed, aligned)          # asserts every ok block is byte-identical
         for key, good in zip(placed, ok):
             assert good == (key not in victims), f"round {rnd}: {key.hex()} good={good}"
         detected += len(victims)
         # flipped blocks are gone from the index; rewrite them to start the next round clean
-        assert verify(t, {key: placed[key] for key in victims}) == [False] * len(victims)
+        assert verify(t, {key: placed[key] for key in victims}, aligned) == [False] * len(victims)
         t.discard(victims, [placed[key] for key in victims])
         t.free([placed.pop(key) for key in victims])
-        placed.update(put(t, [int.from_bytes(key, "little") for key in victims]))
+        placed.update(put(t, [int.from_bytes(key, "little") for key in victims], aligned=aligned))
         assert t.check()["ok"]
     assert t.stats()["corrupt_blocks"] == detected
 

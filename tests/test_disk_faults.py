@@ -54,12 +54,13 @@ def read_only_view(tmp_path):
 
 
 def _inject(monkeypatch, op: str, err: int, *, fd_filter=None, every: int = 1):
-    """Make native pread/pwrite spans fail with -err (for spans whose fd passes fd_filter)."""
-    real = getattr(_native, op)
+    """Make native reads or writes (op "pread" or "pwrite") fail with -err, for I/Os whose
+    fd passes fd_filter: both the span path (padded or bounced blocks) and the checksummed
+    block path, so the test holds whichever one the tier takes."""
+    op = op.removesuffix("_spans")
     count = {"n": 0}
 
-    def faulty(fds, offsets, addrs, lengths, threads=None):
-        res = real(fds, offsets, addrs, lengths, threads).copy()
+    def fail(fds, res):
         fds_ = np.broadcast_to(np.asarray(fds), res.shape)
         for i in range(res.size):
             if fd_filter is None or fd_filter(int(fds_[i])):
@@ -67,7 +68,16 @@ def _inject(monkeypatch, op: str, err: int, *, fd_filter=None, every: int = 1):
                 if count["n"] % every == 0:
                     res[i] = -err
         return res
-    monkeypatch.setattr(_native, op, faulty)
+    spans, blocks = getattr(_native, op + "_spans"), getattr(_native, op + "_blocks")
+
+    def faulty_spans(fds, offsets, addrs, lengths, threads=None):
+        return fail(fds, spans(fds, offsets, addrs, lengths, threads).copy())
+
+    def faulty_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len=0, threads=None):
+        res, crcs = blocks(fds, offsets, addrs, block_len, chunk_len, piece_len, threads)
+        return fail(fds, res.copy()), crcs
+    monkeypatch.setattr(_native, op + "_spans", faulty_spans)
+    monkeypatch.setattr(_native, op + "_blocks", faulty_blocks)
 
 
 # ---- ENOSPC ---------------------------------------------------------------------------

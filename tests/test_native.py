@@ -530,6 +530,75 @@ def test_o_direct_read_of_unaligned_file_end(ops, tmp_path):
     np.testing.assert_array_equal(dst[:5000], payload)
 
 
+# ---- checksummed block I/O --------------------------------------------------------
+
+def block_checksum(data: bytes, chunk: int) -> int:
+    """The disk tier's block checksum from the definition: CRC32C of the chunks' CRC32Cs."""
+    table = b"".join(crc32c_bitwise(data[c:c + chunk]).to_bytes(4, "little") for c in range(0, len(data), chunk))
+    return crc32c_bitwise(table)
+
+
+@pytest.mark.parametrize("threads", [None, 1, 4])
+@pytest.mark.parametrize("block_len,chunk,piece", [
+    (4096, 4096, 0), (3 * 4096 + 100, 4096, 0), (8 * 4096, 2 * 4096, 4096), (8 * 4096, 2 * 4096, 1024),
+    (9 * 4096, 2 * 4096, 4 * 4096), (5000, 65536, 0), (65536 + 17, 65536, 16384), (12 * 4096, 4096, 10 ** 9)])
+def test_block_io_round_trips_and_checksums_every_block(ops, tmp_path, block_len, chunk, piece, threads):
+    rng = np.random.default_rng(block_len + piece)
+    n = 5
+    src = random_bytes(rng, n * block_len + 64)
+    mem = u64(range(3, 3 + n * block_len, block_len))          # unaligned: buffered I/O
+    offs = np.array([block_len * i * 2 + 7 for i in range(n)], dtype=np.int64)  # gaps between blocks
+    want = [block_checksum(bytes(src[m:m + block_len]), chunk) for m in mem.tolist()]
+    fd = os.open(tmp_path / "blocks", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        wrote, sums = ops.pwrite_blocks(fd, offs, mem + addr(src), block_len, chunk, piece, threads)
+        assert wrote.dtype == np.int64 and sums.dtype == np.uint32
+        assert wrote.tolist() == [block_len] * n and sums.tolist() == want
+        dst = poisoned(src.size)
+        got, sums = ops.pread_blocks(np.full(n, fd, dtype=np.int64), offs, mem + addr(dst), block_len, chunk,
+                                     piece, threads)
+    finally:
+        os.close(fd)
+    assert got.tolist() == [block_len] * n and sums.tolist() == want
+    np.testing.assert_array_equal(dst[3:-61], src[3:-61])
+    assert (dst[:3] == POISON).all() and (dst[-61:] == POISON).all()
+
+
+def test_block_io_reports_the_first_error_or_short_count_per_block(ops, tmp_path):
+    path = tmp_path / "short"
+    path.write_bytes(bytes(range(256)) * 40)                  # 10240 bytes
+    dst = poisoned(3 * 8192)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got, sums = ops.pread_blocks(fd, np.array([0, 4096, 2**63 - 100], dtype=np.int64),
+                                     u64([addr(dst), addr(dst) + 8192, addr(dst) + 16384]), 8192, 4096, 2048)
+        assert got.tolist() == [8192, 10240 - 4096, -errno.EINVAL]
+        assert sums[0] == block_checksum(bytes(range(256)) * 32, 4096) and sums[1:].tolist() == [0, 0]
+        assert ops.pwrite_blocks(fd, np.zeros(1, dtype=np.int64), u64([addr(dst)]), 4096, 4096)[0].tolist() == \
+            [-errno.EBADF]
+    finally:
+        os.close(fd)
+    assert (dst[16384:] == POISON).all()
+
+
+def test_block_io_rejects_bad_arguments(ops):
+    buf = poisoned(8192)
+    a, o = u64([addr(buf)]), np.zeros(1, dtype=np.int64)
+    with pytest.raises(ValueError, match="piece_len"):
+        ops.pread_blocks(1, o, a, 8192, 4096, 3000)
+    with pytest.raises(ValueError, match="positive"):
+        ops.pread_blocks(1, o, a, 0, 4096)
+    with pytest.raises(ValueError, match="positive"):
+        ops.pwrite_blocks(1, o, a, 4096, 0)
+    with pytest.raises(ValueError, match="same length"):
+        ops.pread_blocks(np.array([1, 1], dtype=np.int32), o, a, 4096, 4096)
+    with pytest.raises(ValueError, match="null"):
+        ops.pread_blocks(1, o, u64([0]), 4096, 4096)
+    with pytest.raises(ValueError, match="offsets"):
+        ops.pread_blocks(1, np.zeros(1, dtype=np.float32), a, 4096, 4096)
+    assert (buf == POISON).all()
+
+
 # ---- buffers, thread pool ------------------------------------------------------------
 
 @pytest.mark.parametrize("nbytes,alignment", [(0, 4096), (1, 64), (12345, 4096), (8192, 2**21)])

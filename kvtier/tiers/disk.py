@@ -5,16 +5,17 @@ complete blocks only:
 
     1. commit pending discards (a freed slot is rewritten only after the index
        stops naming its old block)
-    2. pwrite every block of the batch (native thread pool; for batches of 2 MiB
-       or more the checksums are computed meanwhile, on the caller's thread)
+    2. pwrite every block of the batch and checksum it (native thread pool: each
+       block, or piece of a block, checksummed by the thread that writes it)
     3. fdatasync the touched slabs              (durability "data" and "full")
     4. commit the new index entries in one LMDB transaction (+ sync for "full")
 
 Read verifies every block against its index entry: namespace salt, length,
 slot, and the checksum of its bytes (CRC32C over its 1 MiB chunks' CRC32Cs).
 A mismatch is a miss: the entry is dropped, counted and logged once; the
-caller never gets the bytes as ok.  Blocks of 2 MiB or more are read in two
-halves, the first checksummed while the second is read.
+caller never gets the bytes as ok.  Each block (or piece of one, when a batch
+has fewer blocks than I/O threads: :func:`~.slabs.io_plan`) is checksummed by
+the thread that read it, so checksums overlap the rest of the batch's I/O.
 
 Failures degrade (:mod:`.disk_faults`): a slab that cannot be created or
 written (ENOSPC, EIO) is retired; a read-only or vanished directory, or a
@@ -30,7 +31,6 @@ import os
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -42,12 +42,11 @@ from .disk_index import IndexEntry, IndexFailure
 from .disk_faults import DiskFaults
 from .disk_open import DiskDirectory
 from .slabs import (ALIGN, CHECK_CHUNK, FORMAT_VERSION, SlabFiles, SlabSlots, SlotGeometry, SpanBatch, address,
-                    block_checksums)
+                    block_checksums, io_plan)
 
 log = logging.getLogger(__name__)
 
 _DURABILITY = ("none", "data", "full")
-OVERLAP_BYTES = 2 << 20      # batches this large checksum on the caller's thread while the write runs
 
 
 class DiskTier(DiskDirectory, DiskFaults, Tier):
@@ -84,7 +83,6 @@ class DiskTier(DiskDirectory, DiskFaults, Tier):
         self.writes_off: str | None = None
         self.reads_off: str | None = None
         self._recovered: list[tuple[bytes, int]] = []
-        self._executor: ThreadPoolExecutor | None = None
         readonly = self._open_dir()
         self._lock_fd, self._lock_ino = self._take_lock(readonly)
         try:
@@ -187,16 +185,12 @@ class DiskTier(DiskDirectory, DiskFaults, Tier):
         if not plan:
             self._counts["write_failures"] += n
             return ok
-        if n * self.block_bytes >= OVERLAP_BYTES:
-            # the bytes go out while their checksums are computed: the index needs them, the I/O does not
-            pending = self._pool().submit(_native.pwrite_spans, *plan.arrays(), self._threads(plan))
-            try:
-                crcs = block_checksums(addrs, self.block_bytes, _native.DEFAULT_THREADS)
-            finally:
-                res = pending.result()
-        else:                                # a small batch: checksumming costs less than a thread hand-off
-            res = _native.pwrite_spans(*plan.arrays(), self._threads(plan))
+        if tail or keep:                     # bounced or padded blocks: spans, then checksums
+            res = _native.pwrite_spans(*plan.arrays(), max(1, min(len(plan), 2 * self.io_threads)))
             crcs = block_checksums(addrs, self.block_bytes, _native.DEFAULT_THREADS)
+        else:                                # each block checksummed by the thread that writes it
+            res, sums = self._move_blocks(True, plan)
+            crcs = dict(zip(plan.block, sums.tolist()))
         good = self._outcome(plan, res, "write")
         if self.durability != "none":
             for slab in self._files.sync({plan.slab[j] for j in range(len(plan)) if good[plan.block[j]]}):
@@ -264,13 +258,13 @@ class DiskTier(DiskDirectory, DiskFaults, Tier):
                 plan.add(i, e.slab, fd, e.offset + body, tails[i * tail:(i + 1) * tail].ctypes.data, tail)
         if not plan:
             return ok
-        # blocks of 2 MiB and more: each read in two halves of >= 1 MiB, the first checksummed
-        # while the second is read (smaller blocks keep every read of the batch in flight at once)
-        if not tail and not bounce and self.block_bytes >= 2 * CHECK_CHUNK:
-            good, crc_of = self._read_staged(plan)
+        if not tail and not bounce:          # each block checksummed by the thread that reads it
+            res, sums = self._move_blocks(False, plan)
+            good = self._outcome(plan, res, "read")
             done = sorted(i for i, v in good.items() if v)
-        else:
-            res = _native.pread_spans(*plan.arrays(), self._threads(plan))
+            crc_of = dict(zip(plan.block, sums.tolist()))
+        else:                                # bounced or padded blocks: spans, copies, then checksums
+            res = _native.pread_spans(*plan.arrays(), max(1, min(len(plan), 2 * self.io_threads)))
             good = self._outcome(plan, res, "read")
             rem = self.block_bytes - body
             done = sorted(i for i, v in good.items() if v)
@@ -299,55 +293,13 @@ class DiskTier(DiskDirectory, DiskFaults, Tier):
         self._counts["bytes_read"] += nok * g.slot_bytes
         return ok
 
-    def _read_staged(self, plan: SpanBatch) -> tuple[dict[int, bool], dict[int, int]]:
-        """Read whole-page blocks of two chunks or more in two stages, split at a 1 MiB chunk
-        boundary; the first stage is checksummed while the second is read (a block's
-        checksum is over its chunks' CRCs, so halves are checksummed independently)."""
-        bb = self.block_bytes
-        per = -(-bb // CHECK_CHUNK)
-        split = per // 2 * CHECK_CHUNK
-        first, second = SpanBatch(), SpanBatch()
-        rel: dict[int, list[int]] = {0: [], 1: []}         # each span's start inside its block
-        for j in range(len(plan)):
-            i, slab, fd, off, a = plan.block[j], plan.slab[j], plan.fd[j], plan.off[j], plan.addr[j]
-            first.add(i, slab, fd, off, a, split)
-            second.add(i, slab, fd, off + split, a + split, bb - split)
-            rel[0].append(0)
-            rel[1].append(split)
-        table = {i: np.zeros(per, dtype="<u4") for i in plan.block}
-
-        def checksum(batch: SpanBatch, starts: list[int]) -> None:
-            addrs, lens, where = [], [], []
-            for j in range(len(batch)):
-                for k in range(0, batch.length[j], CHECK_CHUNK):
-                    addrs.append(batch.addr[j] + k)
-                    lens.append(min(CHECK_CHUNK, batch.length[j] - k))
-                    where.append((batch.block[j], (starts[j] + k) // CHECK_CHUNK))
-            crcs = _native.crc32c_spans(np.array(addrs, dtype=np.uint64), np.array(lens, dtype=np.uint64),
-                                        _native.DEFAULT_THREADS)
-            for (i, c), crc in zip(where, crcs.tolist()):
-                table[i][c] = crc
-        res1 = _native.pread_spans(*first.arrays(), self._threads(first))
-        pending = self._pool().submit(_native.pread_spans, *second.arrays(), self._threads(second))
-        try:
-            checksum(first, rel[0])
-        finally:
-            res2 = pending.result()
-        checksum(second, rel[1])
-        good = self._outcome(first + second, np.concatenate([res1, res2]), "read")
-        return good, {i: _native.crc32c(t.tobytes()) for i, t in table.items()}
-
-    def _threads(self, plan: "SpanBatch") -> int:
-        """Blocks in flight at once: the batch, up to twice io_threads (a block may be two spans)."""
-        return max(1, min(len(plan), 2 * self.io_threads))
-
-    def _pool(self) -> ThreadPoolExecutor:
-        """Threads that wait on writes while the caller's thread checksums."""
-        if self._executor is None:
-            with self._lock:
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(2, thread_name_prefix=f"kvtier-{self.name}")
-        return self._executor
+    def _move_blocks(self, write: bool, plan: SpanBatch):
+        """Whole page-aligned blocks (one span each) through the native checksummed I/O:
+        (bytes moved or -errno, checksums) per span."""
+        piece, threads = io_plan(len(plan), self.block_bytes, self.io_threads)
+        fds, offs, addrs, _ = plan.arrays()
+        move = _native.pwrite_blocks if write else _native.pread_blocks
+        return move(fds, offs, addrs, self.block_bytes, CHECK_CHUNK, piece, threads)
 
     def _flush(self) -> None:
         """Commit pending discards and access times."""
@@ -396,8 +348,5 @@ class DiskTier(DiskDirectory, DiskFaults, Tier):
                 pass
             self.index.close()
             self.index = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
         self._files.close()
         self._release_lock()

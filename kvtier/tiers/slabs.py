@@ -20,6 +20,7 @@ buffered I/O and logs why once; ``on`` raises if the filesystem refuses it.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -62,6 +63,30 @@ def block_checksums(addrs: Sequence[int], block_bytes: int, threads: int | None 
     chunk_crcs = _native.crc32c_spans(np.ascontiguousarray(chunk_addrs), np.tile(lens, len(base)), threads)
     raw = np.ascontiguousarray(chunk_crcs, dtype="<u4").reshape(len(base), per)
     return [_native.crc32c(row.tobytes()) for row in raw]
+
+
+MIN_PIECE = 512 << 10
+
+
+def io_plan(num_blocks: int, block_bytes: int, io_threads: int) -> tuple[int, int]:
+    """How a batch of whole, page-aligned blocks moves: (piece bytes, threads).
+
+    Blocks of 1 MiB or more move in pieces of one checksum chunk (half of one
+    when that still leaves fewer than two pieces per thread), each checksummed
+    by the thread that moved it: with more pieces than threads, checksums run
+    while other pieces are in flight, and the batch ends on one small piece's
+    checksum rather than on every thread's at once.  Smaller blocks move
+    whole.  Piece 0 means whole blocks.
+    """
+    piece = 0
+    if block_bytes > MIN_PIECE:
+        piece = CHECK_CHUNK
+        if num_blocks * -(-block_bytes // piece) < 2 * io_threads:
+            piece = MIN_PIECE
+        if piece >= block_bytes:
+            piece = 0
+    tasks = num_blocks * (-(-block_bytes // piece) if piece else 1)
+    return piece, max(1, min(tasks, io_threads))
 
 
 @dataclass(frozen=True)
@@ -269,7 +294,10 @@ def _preallocate(fd: int, size: int) -> None:
 
 def address(view: memoryview) -> int:
     """Start address of a contiguous buffer."""
-    return np.frombuffer(view, dtype=np.uint8).ctypes.data
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))    # writable: the quick way
+    except (TypeError, ValueError):
+        return np.frombuffer(view, dtype=np.uint8).ctypes.data
 
 
 def io_error(what: str, path: str, res: int) -> TierIOError:
