@@ -40,6 +40,11 @@ from .server_store import NamespaceStore, disk_name
 log = logging.getLogger("kvtier.server")
 
 LOOPBACK = "127.0.0.1"
+# A get reply copies blocks up to this size into ZeroMQ-owned frames and releases their
+# leases at once.  Sending a view of the slot instead saves the copy, but pyzmq then tracks
+# the frame (an Event, and a wake-up of its garbage-collector thread when libzmq lets go),
+# which costs more than copying a small block and lengthens a single-block get.
+COPY_BLOCK_BYTES = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,8 @@ class Server:
         self.sock.setsockopt(zmq.MAXMSGSIZE, max(limits.max_block_bytes, P.MAX_HEADER_BYTES))
         self.curve = curve_secret is not None
         self._pending: deque = deque()          # (tracker, store, load handles) of zero-copy sends
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
         self._leased: tuple = (None, ())        # the current get's (store, load handles)
         if self.curve:
             self._start_curve(curve_secret)
@@ -285,12 +292,14 @@ class Server:
         st, handles = self._leased
         self._leased = (None, ())
         try:
-            if handles:      # block bytes go out of the slots; leases held until zmq lets go
+            if handles and len(reply[1]) > COPY_BLOCK_BYTES:
+                # block bytes go out of the slots; leases held until zmq lets go
                 frames = [zmq.Frame(p, track=True) for p in reply[1:]]
-                self.sock.send_multipart([ident.bytes, reply[0], *frames], copy=False)
+                self.sock.send_multipart([ident, reply[0], *frames], copy=False)
                 self._pending.append(([f.tracker for f in frames], st, handles))
                 return
-            self.sock.send_multipart([ident.bytes] + reply, copy=False)
+            # small blocks are copied into the message here, so their leases end below
+            self.sock.send_multipart([ident] + reply, copy=bool(handles))
         except Exception as e:  # a reply that cannot go out is the client's timeout, not our crash
             log.debug("reply not sent: %s", e)
         for h in handles:
@@ -306,12 +315,13 @@ class Server:
         """Serve the requests waiting now (or that arrive within timeout_ms); returns how many."""
         zmq = self.zmq
         n = 0
-        if not self.sock.poll(timeout_ms, zmq.POLLIN):
+        if not self._poller.poll(timeout_ms):
             self._reap()
             return 0
-        while n < 256:
+        sock = self.sock
+        while n < 256 and sock.get(zmq.EVENTS) & zmq.POLLIN:   # no exception per drained queue
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
             n += 1

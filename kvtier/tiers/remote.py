@@ -227,14 +227,20 @@ class RemoteTier(Tier):
                 continue
             live[sock] = (r, rid)
             self._stats["requests"] += 1
-        poller = zmq.Poller()
-        for sock in live:
-            poller.register(sock, zmq.POLLIN)
+        poller = None
+        if len(live) > 1:
+            poller = zmq.Poller()
+            for sock in live:
+                poller.register(sock, zmq.POLLIN)
         while live:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            for sock, _ in poller.poll(int(left * 1000) + 1):
+            if poller is None:          # one request (a single block, a ping): no Poller to build
+                ready = zmq.zmq_poll([(next(iter(live)), zmq.POLLIN)], int(left * 1000) + 1)
+            else:
+                ready = poller.poll(int(left * 1000) + 1)
+            for sock, _ in ready:
                 r, rid = live[sock]
                 frames = sock.recv_multipart(copy=False)
                 try:
@@ -247,7 +253,8 @@ class RemoteTier(Tier):
                     self._stats["bad_replies"] += 1
                     log.debug("%s: bad reply from %s: %s", self.name, self.servers[r.server], e)
                     healthy = False
-                poller.unregister(sock)
+                if poller is not None:
+                    poller.unregister(sock)
                 del live[sock]
                 self._give_back(r.server, sock, healthy)
                 if r.reply is None:
