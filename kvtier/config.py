@@ -56,10 +56,13 @@ class HostConfig:
     capacity_bytes: int = 1 << 30
     policy: str = "prefix"        # beats LRU on real prefix traffic (see README, Trace replay)
     pinned: str = "auto"          # auto: pinned when CUDA is available; on: required; off: never
+    populate: bool = True         # touch every page at start-up (pageable memory), so no store faults
 
     def validate(self, p: str) -> None:
         _positive(f"{p}.capacity_bytes", self.capacity_bytes)
         _choice(f"{p}.pinned", self.pinned, ("auto", "on", "off"))
+        if not isinstance(self.populate, bool):
+            raise ConfigError(f"{p}.populate", self.populate, "true or false")
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,10 @@ class NamespaceStore:
             os.makedirs(disk_dir, exist_ok=True)
             with open(path + ".json", "w", encoding="utf-8") as f:      # lets a restart reopen it
                 json.dump({"namespace": name, "block_bytes": block_bytes}, f)
-        cfg = KVTierConfig(host=HostConfig(capacity_bytes=quota_bytes, pinned="off"), disk=disk,
+        # pages are mapped as blocks arrive: populating a whole quota here would stall the
+        # server's one loop (every tenant's requests) for seconds when a namespace opens
+        host = HostConfig(capacity_bytes=quota_bytes, pinned="off", populate=False)
+        cfg = KVTierConfig(host=host, disk=disk,
                            staging_bytes=min(64 << 20, quota_bytes) if disk_dir else 0, transfer_threads=1)
         ns = Namespace(model="kvtier-server", block_tokens=1, tenant=name)
         try:

@@ -36,6 +36,7 @@ def test_env():
     ({"host": {"capacity_bytes": "lots"}}, "host.capacity_bytes"),
     ({"host": {"policy": "mru"}}, "host.policy"),
     ({"host": {"pinned": "maybe"}}, "host.pinned"),
+    ({"host": {"populate": "sometimes"}}, "host.populate"),
     ({"host": {"capacity": 5}}, "host.capacity"),
     ({"hots": {}}, "hots"),
     ({"lease_timeout_s": 0}, "lease_timeout_s"),
@@ -66,3 +67,28 @@ def test_bad_env_and_yaml(tmp_path):
         KVTierConfig.from_yaml(p)
     with pytest.raises(ConfigError, match="readable"):
         KVTierConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def _resident_bytes() -> int:
+    import os
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs /proc")
+def test_host_tier_maps_its_pages_at_start_up_unless_told_not_to():
+    from kvtier.tiers.host import HostTier
+    size = 256 << 20
+    before = _resident_bytes()
+    lazy = HostTier("lazy", 1 << 20, size >> 20, memory="pageable", populate=False)
+    grown_lazy = _resident_bytes() - before
+    lazy.view(3)[:] = b"\x01" * (1 << 20)                 # a slot's pages map when first written
+    assert bytes(lazy.view(3)[:4]) == b"\x01" * 4
+    before = _resident_bytes()
+    eager = HostTier("eager", 1 << 20, size >> 20, memory="pageable")
+    grown_eager = _resident_bytes() - before
+    assert grown_lazy < size // 8 and grown_eager > size * 3 // 4
+    cfg = KVTierConfig.from_dict({"host": {"capacity_bytes": "4MiB", "populate": False}})
+    assert cfg.host.populate is False
+    lazy.close()
+    eager.close()

@@ -29,7 +29,7 @@ def build_tiers(cfg: KVTierConfig, namespace: Namespace, block_bytes: int) -> tu
     memory = {"auto": "auto", "on": "pinned", "off": "pageable"}[cfg.host.pinned]
     slot = _round_up(block_bytes, SLOT_ALIGN)
     tiers.append(HostTier("host", block_bytes, _slots("host.capacity_bytes", cfg.host.capacity_bytes, slot),
-                          memory=memory))
+                          memory=memory, populate=cfg.host.populate))
     policies.append(cfg.host.policy)
     if cfg.disk is not None:
         from .disk import DiskTier

@@ -41,9 +41,11 @@ class HostTier(Tier):
     addressable = True
 
     def __init__(self, name: str, block_bytes: int, num_slots: int, memory: str = "auto",
-                 buffer: np.ndarray | None = None):
+                 buffer: np.ndarray | None = None, populate: bool = True):
         """``buffer``: a uint8 array to use as the arena instead of allocating one
-        (e.g. shared memory mapped by several processes); its owner frees it."""
+        (e.g. shared memory mapped by several processes); its owner frees it.
+        ``populate``: touch every page of pageable memory now (seconds for many GiB),
+        so that no store pays for page faults; False maps pages as slots are first used."""
         super().__init__(name, block_bytes, num_slots)
         self.slot_bytes = _round_up(block_bytes, SLOT_ALIGN)
         self._mmap = None
@@ -87,7 +89,8 @@ class HostTier(Tier):
             except (AttributeError, OSError):
                 pass
             arena = np.frombuffer(self._mmap, dtype=np.uint8)
-            arena[::4096] = 0              # populate now, so no store pays for page faults
+            if populate:
+                arena[::4096] = 0          # populate now, so no store pays for page faults
         self._attach(arena)
         log.debug("%s: %d slots of %d bytes, %s memory", name, num_slots, self.slot_bytes, memory)
 
