@@ -12,7 +12,7 @@ PENDING, READY, PROMOTING, DOOMED = "pending", "ready", "promoting", "doomed"
 
 class Entry:
     """Where one key lives in one tier, and who is using it."""
-    __slots__ = ("slot", "state", "leases", "pos", "job")
+    __slots__ = ("slot", "state", "leases", "pos", "job", "staging")
 
     def __init__(self, slot: int, state: str, pos: int, leases: int = 0):
         self.slot = slot
@@ -20,6 +20,7 @@ class Entry:
         self.leases = leases
         self.pos = pos
         self.job: Job | None = None
+        self.staging: list | None = None    # a write-through copy waiting for its lease (movement.py)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ cache's lock held, except the two transfer-thread bodies (``_write_down``,
     _reserve(t, n)       up to n slots in tier t, evicting unprotected blocks
     _evict(t, victims)   drop victims from tier t, demoting them first
     _copy_down(t, d, …)  copy blocks into staging and queue their write to tier d
+                         (write-through: lease them, and the transfer thread copies)
     _write_down / _written_down
                          transfer thread: write staged blocks; publish or roll back
     _promote / _promoted transfer thread: read lower-tier blocks into top-tier slots
@@ -20,6 +21,9 @@ from . import _native
 from .errors import TierIOError
 from .handles import PENDING, PROMOTING, READY, Entry
 from .transfer import Job
+
+
+_LEASED, _COPYING, _DONE = "leased", "copying", "done"     # a write-through block's staging copy
 
 
 class TierMovement:
@@ -36,7 +40,10 @@ class TierMovement:
 
             def protected(k: bytes) -> bool:
                 e = index.get(k)
-                return e is None or e.leases > 0 or e.state != READY
+                if e is None or e.state != READY:
+                    return True
+                waiting = e.staging is not None and e.staging[3] == _LEASED   # copied on eviction
+                return e.leases > (1 if waiting else 0)
             victims = policy.evict(short, protected)
             if victims is None:                    # not all: take what can be had
                 victims = []
@@ -56,6 +63,10 @@ class TierMovement:
         moving = []
         for key in victims:
             e = index[key]
+            if e.staging is not None and e.staging[3] == _LEASED:
+                item = e.staging                   # its write-through copy cannot wait: make it now
+                self._stage_one(tier, key, e, item[2])
+                self._finish_staged(t, item)
             if down is not None and not self.tiers[down].write_through:
                 moving.append((key, e))
         if moving:
@@ -73,11 +84,16 @@ class TierMovement:
         """Copy blocks of tier t into staging and queue their write to tier ``down``.
 
         Demotions pass the lower tier's admission filter; write-through copies do not.
+        An evicted block's slot is reused at once, so its bytes are copied here; a
+        write-through block stays where it is, so it is leased instead and the
+        transfer thread copies it (the caller, an engine's scheduler completing a
+        store, does not wait for the copy).
         """
         lower, src = self.tiers[down], self.tiers[t]
         policy = self._policies[down]
         admission = None if through else self._admission[down]
         batch = []
+        leased: list[list] = []                    # [key, entry, staging slot, _LEASED|_COPYING|_DONE]
         for key, e in items:
             if key in self._inflight or any(key in self._index[d] for d in range(down, len(self.tiers))):
                 continue                           # already below (or on its way)
@@ -89,20 +105,54 @@ class TierMovement:
             if not got:
                 self._stats[f"{lower.name}.demotions_dropped"] += 1
                 continue
-            if self._bytes:
-                if src.addressable and src.medium == "host":
-                    _native.memcpy(self._staging.view(got[0]), src.view(e.slot))
-                else:
-                    src.read([key], [e.slot], [self._staging.view(got[0])])
+            if self._bytes and through:
+                e.leases += 1                      # its bytes stay put until the copy is made
+                e.staging = [key, e, got[0], _LEASED]
+                leased.append(e.staging)
+            elif self._bytes:
+                self._stage_one(src, key, e, got[0])
             self._inflight[key] = got[0]
             batch.append((key, got[0], e.pos))
         if batch:
+            def done(job: Job) -> None:
+                self._unlease_staged(t, leased)    # the copy never ran: let go of the blocks
+                self._written_down(job, down, batch)
             self._engine.submit(f"demote {src.name}->{lower.name}",
-                                lambda: self._write_down(down, batch),
-                                lambda job: self._written_down(job, down, batch))
+                                lambda: self._write_down(down, batch, t, leased), done)
 
-    def _write_down(self, down: int, batch) -> list[bool]:
-        """Transfer thread: reserve slots in the lower tier and write the staged bytes."""
+    def _stage_one(self, src, key: bytes, e: Entry, st: int) -> None:
+        if src.addressable and src.medium == "host":
+            _native.memcpy(self._staging.view(st), src.view(e.slot))
+        else:
+            src.read([key], [e.slot], [self._staging.view(st)])
+
+    def _finish_staged(self, t: int, item: list) -> None:
+        """(lock held) A write-through copy was made (or will never be): release its lease."""
+        key, e = item[0], item[1]
+        item[3] = _DONE
+        if e.staging is item:
+            e.staging = None
+        self._unlease(t, key, e)
+
+    def _unlease_staged(self, t: int, leased: list[list]) -> None:
+        with self._lock:
+            for item in leased:
+                if item[3] == _LEASED:
+                    self._finish_staged(t, item)
+
+    def _write_down(self, down: int, batch, t: int = 0, leased: list[list] = ()) -> list[bool]:
+        """Transfer thread: copy leased blocks into staging (releasing them), reserve
+        slots in the lower tier and write the staged bytes."""
+        for item in leased:
+            with self._lock:
+                if item[3] != _LEASED:             # an eviction made this copy already
+                    continue
+                item[3] = _COPYING                 # protected from eviction while it runs
+            try:
+                self._stage_one(self.tiers[t], item[0], item[1], item[2])
+            finally:
+                with self._lock:
+                    self._finish_staged(t, item)
         lower = self.tiers[down]
         with self._lock:
             slots = self._reserve(down, len(batch))

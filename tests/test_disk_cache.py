@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import threading
 
 import pytest
 
@@ -67,6 +68,39 @@ def test_store_close_reopen_every_block_back_write_through(tmp_path, durability)
         assert look.num_blocks == 40 and set(look.tiers) == {"disk"}
         assert load(c, ids) == 40
         assert c.stats()["disk.promoted_blocks"] == 40
+
+
+def test_write_through_copies_run_on_the_transfer_thread_and_are_never_torn(tmp_path):
+    # The caller completing a store does not copy its blocks for the disk: they are
+    # leased until the transfer thread copies them. Discarded meanwhile, their slots
+    # must not be reused before the copy (it would carry another block's bytes under
+    # their keys); evicted meanwhile, the eviction makes the copy first.
+    cfg = config(tmp_path, write_mode="through")
+    cfg = KVTierConfig.from_dict({**cfg.to_dict(), "transfer_threads": 1})
+    with TieredCache.from_config(cfg, NS, BB) as c:
+        gate = threading.Event()
+        c._engine.submit("gate", lambda: gate.wait(30))      # holds the one transfer thread
+        store(c, range(4))
+        st = c.stats()
+        assert st["inflight_blocks"] == 4 and st["host.leased_blocks"] == 4
+        assert c.discard([k(0), k(1)]) == 2
+        h = c.prepare_store([k(i) for i in range(100, 100 + HOST_BLOCKS)], "w")   # needs every free slot
+        assert h is not None and len(h.keys) == HOST_BLOCKS - 2  # k0, k1 keep theirs until copied
+        for key, view in zip(h.keys, h.views):
+            view[:] = block(key, BB)
+        c.complete_store(h, True)
+        assert c.lookup([k(2)]).num_blocks == 0               # evicted, its copy made on the way out
+        gate.set()
+        assert c.flush(30)
+        assert c.stats()["host.leased_blocks"] == 0
+        disk = c.tiers[1]
+        for i in range(4):                                   # every copy that reached the disk is whole
+            dst = memoryview(bytearray(BB))
+            slot = c._index[1].get(k(i))
+            if slot is not None:
+                assert disk.read([k(i)], [slot.slot], [dst]) == [True]
+                assert bytes(dst) == block(k(i), BB)
+        assert load(c, [2, 3]) == 2
 
 
 def test_write_back_demotes_on_eviction_and_survives_restart(tmp_path):

@@ -18,11 +18,13 @@ import textwrap
 import time
 
 import numpy as np
+import pytest
 
 from kvtier.keys import Namespace
 from kvtier.tiers.disk import DiskTier
 
-BB = 3 * 4096 + 100            # whole pages plus a tail page
+BB = 3 * 4096 + 100            # whole pages plus a tail page (span I/O, bounce buffers)
+BB_ALIGNED = 4 * 4096          # whole pages from page-aligned buffers (checksummed block I/O)
 NS = Namespace("crash-model", 16)
 CAP = 48 * 16384
 SLAB = 16 * 16384
@@ -30,18 +32,27 @@ KILLS = 24
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def payload(key: bytes) -> bytes:
+def payload(key: bytes, bb: int = BB) -> bytes:
     rng = np.random.default_rng(int.from_bytes(key, "little"))
-    return rng.integers(0, 256, BB, dtype=np.uint8).tobytes()
+    return rng.integers(0, 256, bb, dtype=np.uint8).tobytes()
 
 
 CHILD = textwrap.dedent("""
     import os, random, sys, numpy as np
     sys.path.insert(0, {tests!r})
-    from test_disk_crash import payload, NS, BB, CAP, SLAB
+    from test_disk_crash import payload, NS, CAP, SLAB
+    from kvtier import _native
     from kvtier.tiers.disk import DiskTier
-    path, gen, durability = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    path, gen, durability, BB, aligned = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
     t = DiskTier("disk", path, BB, CAP, namespace=NS, slab_bytes=SLAB, durability=durability)
+
+    def source(key):
+        data = payload(key, BB)
+        if not aligned:
+            return data
+        buf = _native.alloc_aligned(BB)
+        buf[:] = np.frombuffer(data, dtype=np.uint8)
+        return memoryview(buf)
     held = dict(t.recover())                     # key -> slot
     rng = random.Random(gen)
     log = open(os.path.join(path, "started.log"), "a")
@@ -58,7 +69,7 @@ CHILD = textwrap.dedent("""
         i += n
         log.write(" ".join(k.hex() for k in keys) + "\\n")
         log.flush()                              # the page cache survives SIGKILL
-        ok = t.write(keys, slots, [payload(k) for k in keys])
+        ok = t.write(keys, slots, [source(k) for k in keys])
         for k, s, good in zip(keys, slots, ok):
             if good:
                 held[k] = s
@@ -67,8 +78,8 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def _verify(path: str) -> tuple[int, set[bytes]]:
-    t = DiskTier("disk", path, BB, CAP, namespace=NS, slab_bytes=SLAB)
+def _verify(path: str, bb: int) -> tuple[int, set[bytes]]:
+    t = DiskTier("disk", path, bb, CAP, namespace=NS, slab_bytes=SLAB)
     try:
         report = t.check()
         assert report["ok"], report
@@ -80,18 +91,19 @@ def _verify(path: str) -> tuple[int, set[bytes]]:
                     started.update(bytes.fromhex(h) for h in line.split())
         assert {k for k, _ in found} <= started, "a key nobody wrote is indexed"
         assert len({s for _, s in found}) == len(found), "two blocks share a slot"
-        dsts = [bytearray(BB) for _ in found]
+        dsts = [bytearray(bb) for _ in found]
         ok = t.read([k for k, _ in found], [s for _, s in found], [memoryview(d) for d in dsts])
         for (key, _), good, d in zip(found, ok, dsts):
             assert good, f"indexed block {key.hex()} did not read back"
-            assert bytes(d) == payload(key), f"indexed block {key.hex()} has wrong bytes"
+            assert bytes(d) == payload(key, bb), f"indexed block {key.hex()} has wrong bytes"
         assert t.stats().get("corrupt_blocks", 0) == 0
         return len(found), {k for k, _ in found}
     finally:
         t.close()
 
 
-def test_sigkill_loop_keeps_every_indexed_block_intact(tmp_path):
+@pytest.mark.parametrize("bb,aligned", [(BB, False), (BB_ALIGNED, True)], ids=["tail-page", "aligned"])
+def test_sigkill_loop_keeps_every_indexed_block_intact(tmp_path, bb, aligned):
     path = str(tmp_path / "tier")
     rng = random.Random(1234)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -99,7 +111,8 @@ def test_sigkill_loop_keeps_every_indexed_block_intact(tmp_path):
     seen_blocks = []
     for gen in range(1, KILLS + 1):
         durability = ("none", "data", "full")[gen % 3]
-        child = subprocess.Popen([sys.executable, "-c", script, path, str(gen), durability],
+        child = subprocess.Popen([sys.executable, "-c", script, path, str(gen), durability, str(bb),
+                                  "1" if aligned else "0"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         try:
             line = child.stdout.readline()
@@ -112,7 +125,7 @@ def test_sigkill_loop_keeps_every_indexed_block_intact(tmp_path):
             child.stdout.close()
             child.stderr.close()
         assert child.returncode == -signal.SIGKILL
-        n, _ = _verify(path)
+        n, _ = _verify(path, bb)
         seen_blocks.append(n)
     # the loop really stored blocks across restarts (the tier was filled and reused)
     assert max(seen_blocks) > 0
