@@ -209,6 +209,23 @@ done_addr:
 
 /* ---- pread_spans / pwrite_spans ------------------------------------------- */
 
+/* fds: one int (returns 0, *one_fd set) or an int32/int64 array (returns 1, *fds
+ * filled); -1 with an exception set otherwise. */
+static int parse_fds(PyObject *ofds, Py_buffer *fds, int *one_fd)
+{
+    if (PyLong_Check(ofds) && !PyBool_Check(ofds)) {
+        long v = PyLong_AsLong(ofds);
+        if ((v == -1 && PyErr_Occurred()) || v < INT32_MIN || v > INT32_MAX) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "fds must be a file descriptor, got %R", ofds);
+            return -1;
+        }
+        *one_fd = (int)v;
+        return 0;
+    }
+    return kv_get_array(ofds, "fds", "int32 or int64", KV_FDS, fds) < 0 ? -1 : 1;
+}
+
 static PyObject *io_common(PyObject *args, PyObject *kw, int write, const char *fmt)
 {
     static char *kwlist[] = {"fds", "offsets", "addrs", "lengths", "threads", NULL};
@@ -220,18 +237,10 @@ static PyObject *io_common(PyObject *args, PyObject *kw, int write, const char *
         return NULL;
     if (kv_parse_threads(othreads, default_threads, &threads) < 0)
         return NULL;
-    if (PyLong_Check(ofds) && !PyBool_Check(ofds)) {
-        long v = PyLong_AsLong(ofds);
-        if ((v == -1 && PyErr_Occurred()) || v < INT32_MIN || v > INT32_MAX) {
-            PyErr_Clear();
-            PyErr_Format(PyExc_ValueError, "fds must be a file descriptor, got %R", ofds);
-            return NULL;
-        }
-        one_fd = (int)v;
-        fd_scalar = 1;
-    } else if (kv_get_array(ofds, "fds", "int32 or int64", KV_FDS, &fds) < 0) {
+    int have_fds = parse_fds(ofds, &fds, &one_fd);
+    if (have_fds < 0)
         return NULL;
-    }
+    fd_scalar = !have_fds;
     if (kv_get_array(ooff, "offsets", "int64 or uint64", KV_OFFSETS, &off) < 0)
         goto done_fds;
     if (kv_get_array(oaddr, "addrs", "uint64", KV_U64, &addr) < 0)
@@ -301,21 +310,6 @@ static PyObject *py_pwrite_spans(PyObject *self, PyObject *args, PyObject *kw)
 }
 
 /* ---- pread_blocks / pwrite_blocks ---------------------------------------- */
-
-static int parse_fds(PyObject *ofds, Py_buffer *fds, int *one_fd)
-{
-    if (PyLong_Check(ofds) && !PyBool_Check(ofds)) {
-        long v = PyLong_AsLong(ofds);
-        if ((v == -1 && PyErr_Occurred()) || v < INT32_MIN || v > INT32_MAX) {
-            PyErr_Clear();
-            PyErr_Format(PyExc_ValueError, "fds must be a file descriptor, got %R", ofds);
-            return -1;
-        }
-        *one_fd = (int)v;
-        return 0;
-    }
-    return kv_get_array(ofds, "fds", "int32 or int64", KV_FDS, fds) < 0 ? -1 : 1;
-}
 
 static PyObject *blocks_common(PyObject *args, PyObject *kw, int write, const char *fmt)
 {
