@@ -20,7 +20,7 @@ class Entry:
         self.leases = leases
         self.pos = pos
         self.job: Job | None = None
-        self.staging: list | None = None    # a write-through copy waiting for its lease (movement.py)
+        self.staging = None    # a write-through copy holding a lease on it (movement._StagedCopy)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,20 @@ from .handles import PENDING, PROMOTING, READY, Entry
 from .transfer import Job
 
 
-_LEASED, _COPYING, _DONE = "leased", "copying", "done"     # a write-through block's staging copy
+_LEASED, _COPYING, _DONE = "leased", "copying", "done"
+
+
+class _StagedCopy:
+    """A write-through block, leased until its bytes are copied into a staging slot."""
+    __slots__ = ("key", "entry", "slot", "state")
+
+    def __init__(self, key: bytes, entry: Entry, slot: int):
+        self.key, self.entry, self.slot, self.state = key, entry, slot, _LEASED
+
+
+def _waiting(e: Entry) -> "_StagedCopy | None":
+    """The entry's staging copy, if nobody has started making it yet."""
+    return e.staging if e.staging is not None and e.staging.state == _LEASED else None
 
 
 class TierMovement:
@@ -42,8 +55,7 @@ class TierMovement:
                 e = index.get(k)
                 if e is None or e.state != READY:
                     return True
-                waiting = e.staging is not None and e.staging[3] == _LEASED   # copied on eviction
-                return e.leases > (1 if waiting else 0)
+                return e.leases > (1 if _waiting(e) else 0)      # a waiting copy is made on eviction
             victims = policy.evict(short, protected)
             if victims is None:                    # not all: take what can be had
                 victims = []
@@ -63,10 +75,10 @@ class TierMovement:
         moving = []
         for key in victims:
             e = index[key]
-            if e.staging is not None and e.staging[3] == _LEASED:
-                item = e.staging                   # its write-through copy cannot wait: make it now
-                self._stage_one(tier, key, e, item[2])
-                self._finish_staged(t, item)
+            copy = _waiting(e)
+            if copy is not None:                   # its write-through copy cannot wait: make it now
+                self._stage_one(tier, key, e, copy.slot)
+                self._finish_staged(t, copy)
             if down is not None and not self.tiers[down].write_through:
                 moving.append((key, e))
         if moving:
@@ -93,7 +105,7 @@ class TierMovement:
         policy = self._policies[down]
         admission = None if through else self._admission[down]
         batch = []
-        leased: list[list] = []                    # [key, entry, staging slot, _LEASED|_COPYING|_DONE]
+        leased: list[_StagedCopy] = []
         for key, e in items:
             if key in self._inflight or any(key in self._index[d] for d in range(down, len(self.tiers))):
                 continue                           # already below (or on its way)
@@ -107,7 +119,7 @@ class TierMovement:
                 continue
             if self._bytes and through:
                 e.leases += 1                      # its bytes stay put until the copy is made
-                e.staging = [key, e, got[0], _LEASED]
+                e.staging = _StagedCopy(key, e, got[0])
                 leased.append(e.staging)
             elif self._bytes:
                 self._stage_one(src, key, e, got[0])
@@ -126,33 +138,32 @@ class TierMovement:
         else:
             src.read([key], [e.slot], [self._staging.view(st)])
 
-    def _finish_staged(self, t: int, item: list) -> None:
+    def _finish_staged(self, t: int, copy: _StagedCopy) -> None:
         """(lock held) A write-through copy was made (or will never be): release its lease."""
-        key, e = item[0], item[1]
-        item[3] = _DONE
-        if e.staging is item:
-            e.staging = None
-        self._unlease(t, key, e)
+        copy.state = _DONE
+        if copy.entry.staging is copy:
+            copy.entry.staging = None
+        self._unlease(t, copy.key, copy.entry)
 
-    def _unlease_staged(self, t: int, leased: list[list]) -> None:
+    def _unlease_staged(self, t: int, leased: list[_StagedCopy]) -> None:
         with self._lock:
-            for item in leased:
-                if item[3] == _LEASED:
-                    self._finish_staged(t, item)
+            for copy in leased:
+                if copy.state == _LEASED:
+                    self._finish_staged(t, copy)
 
-    def _write_down(self, down: int, batch, t: int = 0, leased: list[list] = ()) -> list[bool]:
+    def _write_down(self, down: int, batch, t: int = 0, leased: list[_StagedCopy] = ()) -> list[bool]:
         """Transfer thread: copy leased blocks into staging (releasing them), reserve
         slots in the lower tier and write the staged bytes."""
-        for item in leased:
+        for copy in leased:
             with self._lock:
-                if item[3] != _LEASED:             # an eviction made this copy already
+                if copy.state != _LEASED:          # an eviction made this copy already
                     continue
-                item[3] = _COPYING                 # protected from eviction while it runs
+                copy.state = _COPYING              # protected from eviction while it runs
             try:
-                self._stage_one(self.tiers[t], item[0], item[1], item[2])
+                self._stage_one(self.tiers[t], copy.key, copy.entry, copy.slot)
             finally:
                 with self._lock:
-                    self._finish_staged(t, item)
+                    self._finish_staged(t, copy)
         lower = self.tiers[down]
         with self._lock:
             slots = self._reserve(down, len(batch))

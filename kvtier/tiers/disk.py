@@ -186,7 +186,7 @@ class DiskTier(DiskDirectory, DiskFaults, Tier):
             self._counts["write_failures"] += n
             return ok
         if tail or keep:                     # bounced or padded blocks: spans, then checksums
-            res = _native.pwrite_spans(*plan.arrays(), max(1, min(len(plan), 2 * self.io_threads)))
+            res = _native.pwrite_spans(*plan.arrays(), self._threads(plan))
             crcs = block_checksums(addrs, self.block_bytes, _native.DEFAULT_THREADS)
         else:                                # each block checksummed by the thread that writes it
             res, sums = self._move_blocks(True, plan)
@@ -264,7 +264,7 @@ class DiskTier(DiskDirectory, DiskFaults, Tier):
             done = sorted(i for i, v in good.items() if v)
             crc_of = dict(zip(plan.block, sums.tolist()))
         else:                                # bounced or padded blocks: spans, copies, then checksums
-            res = _native.pread_spans(*plan.arrays(), max(1, min(len(plan), 2 * self.io_threads)))
+            res = _native.pread_spans(*plan.arrays(), self._threads(plan))
             good = self._outcome(plan, res, "read")
             rem = self.block_bytes - body
             done = sorted(i for i, v in good.items() if v)
@@ -292,6 +292,10 @@ class DiskTier(DiskDirectory, DiskFaults, Tier):
         self._counts["blocks_read"] += nok
         self._counts["bytes_read"] += nok * g.slot_bytes
         return ok
+
+    def _threads(self, plan: SpanBatch) -> int:
+        """Spans in flight at once: the batch, up to twice io_threads (a block may be two spans)."""
+        return max(1, min(len(plan), 2 * self.io_threads))
 
     def _move_blocks(self, write: bool, plan: SpanBatch):
         """Whole page-aligned blocks (one span each) through the native checksummed I/O:
