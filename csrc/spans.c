@@ -209,6 +209,39 @@ static void block_task(void *ctx, size_t task)
     j->piece_result[task] = r;
 }
 
+/* Bytes moved by block b's pieces, or the first -errno among them. */
+static int64_t block_result(const struct block_job *j, size_t b)
+{
+    int64_t moved = 0;
+    for (size_t p = 0; p < j->pieces; p++) {
+        int64_t r = j->piece_result[b * j->pieces + p];
+        if (r < 0)
+            return r;
+        moved += r;
+    }
+    return moved;
+}
+
+/* Block b's checksum from its segment CRCs: segments joined into chunk CRCs,
+ * the chunk CRCs (little-endian, whatever the CPU) checksummed in `table`. */
+static uint32_t block_checksum(const struct block_job *j, size_t b, uint64_t chunk_len,
+                               unsigned char *table)
+{
+    const uint32_t *seg = j->seg_crc + b * j->segs;
+    size_t per_chunk = (size_t)(chunk_len / j->seg_len), chunks = 0;
+    for (size_t k = 0; k < j->segs; chunks++) {
+        size_t end = k + per_chunk < j->segs ? k + per_chunk : j->segs;
+        uint32_t crc = seg[k];
+        for (k++; k < end; k++) {
+            uint64_t rest = j->block_len - (uint64_t)k * j->seg_len;
+            crc = kv_crc32c_combine(crc, seg[k], rest < j->seg_len ? rest : j->seg_len);
+        }
+        for (int i = 0; i < 4; i++)
+            table[4 * chunks + i] = (unsigned char)(crc >> (8 * i));
+    }
+    return kv_crc32c(0, table, chunks * 4);
+}
+
 int kv_io_blocks(int write, const int *fds, const int64_t *offsets, const uint64_t *addrs,
                  size_t n, uint64_t block_len, uint64_t chunk_len, uint64_t piece_len,
                  int64_t *results, uint32_t *crcs, int threads)
@@ -222,7 +255,6 @@ int kv_io_blocks(int write, const int *fds, const int64_t *offsets, const uint64
     job.pieces = (size_t)((block_len + piece_len - 1) / piece_len);
     job.segs = (size_t)((block_len + job.seg_len - 1) / job.seg_len);
     size_t chunks = (size_t)((block_len + chunk_len - 1) / chunk_len);
-    size_t per_chunk = (size_t)(chunk_len / job.seg_len);
     job.piece_result = malloc(n * job.pieces * sizeof(int64_t));
     job.seg_crc = malloc(n * job.segs * sizeof(uint32_t));
     unsigned char *table = malloc(chunks * 4);
@@ -234,31 +266,8 @@ int kv_io_blocks(int write, const int *fds, const int64_t *offsets, const uint64
     }
     kv_pool_run(block_task, &job, n * job.pieces, threads);
     for (size_t b = 0; b < n; b++) {
-        int64_t moved = 0, error = 0;
-        for (size_t p = 0; p < job.pieces; p++) {
-            int64_t r = job.piece_result[b * job.pieces + p];
-            if (r < 0 && !error)
-                error = r;
-            else if (r > 0)
-                moved += r;
-        }
-        results[b] = error ? error : moved;
-        crcs[b] = 0;
-        if (results[b] != (int64_t)block_len)
-            continue;
-        const uint32_t *seg = job.seg_crc + b * job.segs;
-        for (size_t c = 0; c < chunks; c++) {
-            size_t k = c * per_chunk, end = k + per_chunk < job.segs ? k + per_chunk : job.segs;
-            uint32_t crc = seg[k];
-            for (k++; k < end; k++) {
-                uint64_t pos = (uint64_t)k * job.seg_len;
-                uint64_t len = block_len - pos < job.seg_len ? block_len - pos : job.seg_len;
-                crc = kv_crc32c_combine(crc, seg[k], len);
-            }
-            for (int i = 0; i < 4; i++)            /* little-endian, whatever the CPU */
-                table[4 * c + i] = (unsigned char)(crc >> (8 * i));
-        }
-        crcs[b] = kv_crc32c(0, table, chunks * 4);
+        results[b] = block_result(&job, b);
+        crcs[b] = results[b] == (int64_t)block_len ? block_checksum(&job, b, chunk_len, table) : 0;
     }
     free(job.piece_result);
     free(job.seg_crc);
