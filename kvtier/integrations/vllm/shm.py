@@ -96,9 +96,7 @@ class SharedHostTier(HostTier):
     """A HostTier whose arena is a :class:`SharedArena`, mapped by scheduler and worker."""
 
     def __init__(self, name: str, block_bytes: int, num_slots: int, arena: SharedArena):
-        if arena.nbytes < _round_up(block_bytes, SLOT_ALIGN) * num_slots:
-            raise KVTierError(f"{name}: arena of {arena.nbytes} bytes is too small for {num_slots} slots")
-        super().__init__(name, block_bytes, num_slots, buffer=arena.array)
+        super().__init__(name, block_bytes, num_slots, buffer=arena.array)   # checks the arena's size
         self.memory = "shared"
         self.shared = arena
 
