@@ -207,6 +207,63 @@ done_addr:
     return result;
 }
 
+static PyObject *py_copy_crc_spans(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"src_addrs", "dst_addrs", "lengths", "threads", NULL};
+    PyObject *osrc, *odst, *olen, *othreads = Py_None, *result = NULL;
+    Py_buffer src, dst, len;
+    int threads, rc = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|O:copy_crc_spans", kwlist, &osrc, &odst,
+                                     &olen, &othreads))
+        return NULL;
+    if (kv_parse_threads(othreads, default_threads, &threads) < 0)
+        return NULL;
+    if (kv_get_array(osrc, "src_addrs", "uint64", KV_U64, &src) < 0)
+        return NULL;
+    if (kv_get_array(odst, "dst_addrs", "uint64", KV_U64, &dst) < 0)
+        goto fail_src;
+    if (kv_get_array(olen, "lengths", "uint64", KV_U64, &len) < 0)
+        goto fail_dst;
+    if (kv_same_length("src_addrs", &src, "dst_addrs", &dst) < 0 ||
+        kv_same_length("src_addrs", &src, "lengths", &len) < 0)
+        goto fail;
+    const uint64_t *s = src.buf, *d = dst.buf, *l = len.buf;
+    Py_ssize_t n = kv_count(&src);
+    uint64_t total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        total += l[i];
+        if (kv_check_span("src_addrs", i, s[i], l[i]) < 0 ||
+            kv_check_span("dst_addrs", i, d[i], l[i]) < 0)
+            goto fail;
+        if (l[i] && s[i] < d[i] + l[i] && d[i] < s[i] + l[i]) {
+            PyErr_Format(PyExc_ValueError, "span %zd: source and destination overlap", i);
+            goto fail;
+        }
+    }
+    result = new_result(n, sizeof(uint32_t));
+    if (!result)
+        goto fail;
+    uint32_t *out = (uint32_t *)PyByteArray_AS_STRING(result);
+    if (total < GIL_RELEASE_BYTES) {
+        rc = kv_copy_crc_spans(s, d, l, out, (size_t)n, threads);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        rc = kv_copy_crc_spans(s, d, l, out, (size_t)n, threads);
+        Py_END_ALLOW_THREADS
+    }
+    if (rc) {
+        Py_CLEAR(result);
+        PyErr_NoMemory();
+    }
+fail:
+    PyBuffer_Release(&len);
+fail_dst:
+    PyBuffer_Release(&dst);
+fail_src:
+    PyBuffer_Release(&src);
+    return result;
+}
+
 /* ---- pread_spans / pwrite_spans ------------------------------------------- */
 
 /* fds: one int (returns 0, *one_fd set) or an int32/int64 array (returns 1, *fds
@@ -431,6 +488,8 @@ static PyMethodDef methods[] = {
      "crc32c(buf, value=0) -> int (fastest implementation)"},
     {"_crc32c_table", KW py_crc32c_table, METH_VARARGS | METH_KEYWORDS,
      "_crc32c_table(buf, value=0) -> int (portable table implementation)"},
+    {"copy_crc_spans", KW py_copy_crc_spans, METH_VARARGS | METH_KEYWORDS,
+     "copy_crc_spans(src_addrs, dst_addrs, lengths, threads=None) -> bytearray of uint32"},
     {"crc32c_spans", KW py_crc32c_spans, METH_VARARGS | METH_KEYWORDS,
      "crc32c_spans(addrs, lengths, threads=None) -> bytearray of uint32"},
     {"pread_spans", KW py_pread_spans, METH_VARARGS | METH_KEYWORDS,

@@ -113,6 +113,83 @@ void kv_crc32c_spans(const uint64_t *addr, const uint64_t *len, uint32_t *out, s
     kv_pool_run(crc_task, &job, n, threads);
 }
 
+/* ---- copies with checksums ----------------------------------------------- */
+
+#define FUSE_PIECE (1u << 20)    /* bytes per task */
+#define FUSE_STEP (48u * 1024u)  /* copied, then checksummed while still in L2 */
+
+/* Task k is piece k - first[i] of span i (first[n] = number of tasks). */
+struct copy_crc_job {
+    const uint64_t *src, *dst, *len;
+    const size_t *first;
+    uint32_t *piece_crc;
+    size_t n;
+    uint64_t piece;
+    int streaming;
+};
+
+static void copy_crc_task(void *ctx, size_t task)
+{
+    const struct copy_crc_job *c = ctx;
+    size_t lo = 0, hi = c->n - 1; /* span i: first[i] <= task < first[i + 1] */
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo + 1) / 2;
+        if (c->first[mid] <= task)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    uint64_t off = (uint64_t)(task - c->first[lo]) * c->piece;
+    uint64_t end = off + c->piece < c->len[lo] ? off + c->piece : c->len[lo];
+    const char *s = (const char *)(uintptr_t)c->src[lo];
+    char *d = (char *)(uintptr_t)c->dst[lo];
+    uint32_t reg = ~0u;
+    for (uint64_t pos = off; pos < end;) {
+        size_t take = end - pos < FUSE_STEP ? (size_t)(end - pos) : FUSE_STEP;
+        kv_copy(d + pos, s + pos, take, c->streaming);
+        reg = kv_crc32c_update(reg, s + pos, take);
+        pos += take;
+    }
+    c->piece_crc[task] = ~reg;
+}
+
+int kv_copy_crc_spans(const uint64_t *src, const uint64_t *dst, const uint64_t *len,
+                      uint32_t *out, size_t n, int threads)
+{
+    if (!n)
+        return 0;
+    uint64_t total = 0;
+    for (size_t i = 0; i < n; i++)
+        total += len[i];
+    uint64_t piece = threads <= 1 || total < KV_INLINE_BYTES ? UINT64_MAX : FUSE_PIECE;
+    size_t *first = malloc((n + 1) * sizeof(size_t));
+    if (!first)
+        return ENOMEM;
+    first[0] = 0;
+    for (size_t i = 0; i < n; i++)
+        first[i + 1] = first[i] + (len[i] ? (size_t)((len[i] - 1) / piece + 1) : 1);
+    uint32_t *piece_crc = malloc(first[n] * sizeof(uint32_t));
+    if (!piece_crc) {
+        free(first);
+        return ENOMEM;
+    }
+    struct copy_crc_job job = {src, dst, len, first, piece_crc, n, piece,
+                               total >= KV_STREAM_BYTES && kv_copy_streaming()};
+    kv_pool_run(copy_crc_task, &job, first[n], piece == UINT64_MAX ? 1 : threads);
+    for (size_t i = 0; i < n; i++) {
+        uint32_t crc = piece_crc[first[i]];
+        for (size_t k = first[i] + 1; k < first[i + 1]; k++) {
+            uint64_t at = (uint64_t)(k - first[i]) * piece;
+            uint64_t rest = len[i] - at;
+            crc = kv_crc32c_combine(crc, piece_crc[k], rest < piece ? rest : piece);
+        }
+        out[i] = crc;
+    }
+    free(piece_crc);
+    free(first);
+    return 0;
+}
+
 /* ---- positional I/O ---------------------------------------------------- */
 
 static int64_t io_one(int write, int fd, int64_t offset, char *p, uint64_t len)

@@ -20,6 +20,13 @@ int kv_copy_spans(const uint64_t *src, const uint64_t *dst, const uint64_t *len,
 void kv_crc32c_spans(const uint64_t *addr, const uint64_t *len, uint32_t *out, size_t n,
                      int threads);
 
+/* memcpy(dst[i], src[i], len[i]) and out[i] = CRC32C of the bytes copied, in one
+ * pass: each piece is checksummed from the cache right after it is copied, so
+ * the bytes cross memory once instead of twice. Spans are cut into pieces
+ * that move in parallel; piece checksums are combined. Returns 0, or ENOMEM. */
+int kv_copy_crc_spans(const uint64_t *src, const uint64_t *dst, const uint64_t *len,
+                      uint32_t *out, size_t n, int threads);
+
 /* One positional I/O request; `result` is bytes moved or -errno. */
 struct kv_io {
     int fd;

@@ -12,6 +12,8 @@ Ops:
     memcpy(dst, src, threads=None)                           one big host copy
     crc32c(buf, value=0) -> int                              block checksum, chainable
     crc32c_spans(addrs, lengths, threads=None) -> uint32[]   one checksum per span
+    copy_crc_spans(src_addrs, dst_addrs, lengths, threads=None) -> uint32[]
+                                                             copy_spans + crc32c_spans in one pass
     pwrite_spans / pread_spans(fds, offsets, addrs, lengths, threads=None) -> int64[]
                                                              bytes moved or -errno per span
     pwrite_blocks / pread_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len=0,
@@ -107,6 +109,11 @@ if _ext is not None:
         """One fresh CRC32C per span, as uint32."""
         return np.frombuffer(_ext.crc32c_spans(addrs, lengths, threads), dtype=np.uint32)
 
+    def copy_crc_spans(src_addrs, dst_addrs, lengths, threads=None) -> np.ndarray:
+        """copy_spans, and the CRC32C of each span's bytes (uint32), in one pass."""
+        return np.frombuffer(_ext.copy_crc_spans(src_addrs, dst_addrs, lengths, threads),
+                             dtype=np.uint32)
+
     def pwrite_spans(fds, offsets, addrs, lengths, threads=None) -> np.ndarray:
         """pwrite every span; int64 results: bytes written or -errno. Never raises for I/O."""
         return np.frombuffer(_ext.pwrite_spans(fds, offsets, addrs, lengths, threads),
@@ -132,6 +139,7 @@ else:
     memcpy = _reference.memcpy
     crc32c = _reference.crc32c
     crc32c_spans = _reference.crc32c_spans
+    copy_crc_spans = _reference.copy_crc_spans
     pwrite_spans = _reference.pwrite_spans
     pread_spans = _reference.pread_spans
     pwrite_blocks = _reference.pwrite_blocks
@@ -139,7 +147,7 @@ else:
 
 __all__ = [
     "mode", "NATIVE", "HARDWARE_CRC", "DEFAULT_THREADS", "NativeExtensionMissing",
-    "copy_spans", "memcpy", "crc32c", "crc32c_spans", "pwrite_spans", "pread_spans",
+    "copy_spans", "memcpy", "crc32c", "crc32c_spans", "copy_crc_spans", "pwrite_spans", "pread_spans",
     "pwrite_blocks", "pread_blocks",
     "alloc_aligned",
 ]

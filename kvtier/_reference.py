@@ -267,6 +267,12 @@ def crc32c_spans(addrs, lengths, threads=None) -> np.ndarray:
     return out
 
 
+def copy_crc_spans(src_addrs, dst_addrs, lengths, threads=None) -> np.ndarray:
+    """copy_spans, then the fresh CRC32C of each span's bytes, as uint32."""
+    copy_spans(src_addrs, dst_addrs, lengths, threads)
+    return crc32c_spans(dst_addrs, lengths, threads)
+
+
 # ---- positional I/O -----------------------------------------------------
 
 def _io_one(write: bool, fd: int, offset: int, addr: int, length: int) -> int:
