@@ -56,13 +56,14 @@ class HostConfig:
     capacity_bytes: int = 1 << 30
     policy: str = "prefix"        # beats LRU on real prefix traffic (see README, Trace replay)
     pinned: str = "auto"          # auto: pinned when CUDA is available; on: required; off: never
-    populate: bool = True         # touch every page at start-up (pageable memory), so no store faults
+    populate: bool | str = True   # map every page at start-up (pageable memory), so no store faults;
+                                  # "background": from a thread, while the tier is in use
 
     def validate(self, p: str) -> None:
         _positive(f"{p}.capacity_bytes", self.capacity_bytes)
         _choice(f"{p}.pinned", self.pinned, ("auto", "on", "off"))
-        if not isinstance(self.populate, bool):
-            raise ConfigError(f"{p}.populate", self.populate, "true or false")
+        if not (isinstance(self.populate, bool) or self.populate == "background"):
+            raise ConfigError(f"{p}.populate", self.populate, 'true, false or "background"')
 
 
 @dataclass(frozen=True)

@@ -92,3 +92,31 @@ def test_host_tier_maps_its_pages_at_start_up_unless_told_not_to():
     assert cfg.host.populate is False
     lazy.close()
     eager.close()
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs /proc")
+def test_background_populate_maps_pages_without_touching_stored_bytes():
+    import time
+    from kvtier.tiers.host import HostTier
+    size = 256 << 20
+    before = _resident_bytes()
+    t = HostTier("bg", 1 << 20, size >> 20, memory="pageable", populate="background")
+    # stores race the populating thread: their bytes must come through it unchanged
+    stamps = {slot: bytes([slot % 251 + 1]) * (1 << 20) for slot in range(0, size >> 20, 7)}
+    for slot, data in stamps.items():
+        t.view(slot)[:] = data
+    deadline = time.monotonic() + 30
+    while _resident_bytes() - before < size * 3 // 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    t._populating.join(30)
+    grown = _resident_bytes() - before
+    kernel_has_it = grown > size * 3 // 4
+    assert all(bytes(t.view(slot)) == data for slot, data in stamps.items())
+    assert not bytes(t.view(1)).strip(b"\0")          # a slot nobody wrote still reads as zeros
+    t.close()
+    cfg = KVTierConfig.from_dict({"host": {"capacity_bytes": "4MiB", "populate": "background"}})
+    assert cfg.host.populate == "background"
+    with pytest.raises(ConfigError, match="populate"):
+        HostTier("bad", 1 << 20, 4, memory="pageable", populate="sometimes")
+    if not kernel_has_it:
+        pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux < 5.14): pages map on first use")

@@ -8,8 +8,10 @@ bytes, for metadata-only studies (trace replay).
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -22,6 +24,8 @@ log = logging.getLogger(__name__)
 
 SLOT_ALIGN = 4096
 _MEMORY = ("auto", "pinned", "pageable", "none")
+MADV_POPULATE_WRITE = 23          # Linux 5.14+: map pages writable without touching their bytes
+POPULATE_STEP = 32 << 20          # bytes per madvise call of the background populate
 
 
 def _round_up(n: int, a: int) -> int:
@@ -41,15 +45,21 @@ class HostTier(Tier):
     addressable = True
 
     def __init__(self, name: str, block_bytes: int, num_slots: int, memory: str = "auto",
-                 buffer: np.ndarray | None = None, populate: bool = True):
+                 buffer: np.ndarray | None = None, populate: bool | str = True):
         """``buffer``: a uint8 array to use as the arena instead of allocating one
         (e.g. shared memory mapped by several processes); its owner frees it.
         ``populate``: touch every page of pageable memory now (seconds for many GiB),
-        so that no store pays for page faults; False maps pages as slots are first used."""
+        so that no store pays for page faults; False maps pages as slots are first used;
+        "background" maps them from a thread while the tier is already in use (stores
+        that come first fault their own pages; the bytes are never touched)."""
         super().__init__(name, block_bytes, num_slots)
+        if not (isinstance(populate, bool) or populate == "background"):
+            raise ConfigError(f"{name}.populate", populate, "true, false or \"background\"")
         self.slot_bytes = _round_up(block_bytes, SLOT_ALIGN)
         self._mmap = None
         self._tensor = None
+        self._populating: threading.Thread | None = None
+        self._stop_populating = threading.Event()
         if buffer is not None:
             need = self.slot_bytes * num_slots
             if not (isinstance(buffer, np.ndarray) and buffer.dtype == np.uint8 and buffer.ndim == 1
@@ -89,15 +99,34 @@ class HostTier(Tier):
             except (AttributeError, OSError):
                 pass
             arena = np.frombuffer(self._mmap, dtype=np.uint8)
-            if populate:
+            if populate is True:
                 arena[::4096] = 0          # populate now, so no store pays for page faults
         self._attach(arena)
+        if populate == "background" and self._mmap is not None:
+            self._populating = threading.Thread(target=self._populate, name=f"{name}-populate", daemon=True)
+            self._populating.start()
         log.debug("%s: %d slots of %d bytes, %s memory", name, num_slots, self.slot_bytes, memory)
 
     def _attach(self, arena: np.ndarray) -> None:
         self._arena = arena
         self._base = arena.ctypes.data
         self._mv = memoryview(arena)              # slicing this is cheap; ndarray export is not
+
+    def _populate(self) -> None:
+        """Map the arena's pages step by step (GIL released in each madvise call)."""
+        try:
+            madvise = ctypes.CDLL(None, use_errno=True).madvise
+        except (OSError, AttributeError):
+            return
+        madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        nbytes = self.slot_bytes * self.num_slots
+        for off in range(0, nbytes, POPULATE_STEP):
+            if self._stop_populating.is_set():
+                return
+            if madvise(self._base + off, min(POPULATE_STEP, nbytes - off), MADV_POPULATE_WRITE) != 0:
+                log.debug("%s: background populate stopped: %s", self.name,
+                          ctypes.get_errno())   # EINVAL before Linux 5.14: pages map on first use
+                return
 
     @property
     def stores_bytes(self) -> bool:
@@ -132,13 +161,21 @@ class HostTier(Tier):
                 _native.memcpy(dst, self._slot(slot))
         return [True] * len(slots)
 
+    @property
+    def populating(self) -> bool:
+        """True while a background populate is still mapping pages."""
+        return self._populating is not None and self._populating.is_alive()
+
     def stats(self) -> dict:
         d = super().stats()
         d.update(memory=self.memory, slot_bytes=self.slot_bytes,
-                 capacity_bytes=self.slot_bytes * self.num_slots)
+                 capacity_bytes=self.slot_bytes * self.num_slots, populating=self.populating)
         return d
 
     def close(self) -> None:
+        self._stop_populating.set()
+        if self._populating is not None:
+            self._populating.join()
         self._mv = None
         self._arena = None
         self._tensor = None
