@@ -13,7 +13,7 @@ carrying an error code; the server turns it into an error reply, the client
 into a miss.
 
     payload_crcs(bufs) -> list[int]                          CRC32C of each payload
-    copy_payloads(dsts, srcs)                               copy blocks out of (into) frames
+    copy_payloads(dsts, srcs) -> list[int]                  copy blocks out of (into) frames, with CRCs
     encode_request(op, req_id, ns, ...) -> bytes           the request header
     decode_request(frames, limits) -> Request               server side
     encode_reply(req_id, ...) / encode_error(req_id, code, msg) -> bytes
@@ -151,22 +151,23 @@ def payload_crcs(bufs: Sequence[Any]) -> list[int]:
     return _native.crc32c_spans(addrs, lens).tolist()
 
 
-def copy_payloads(dsts: Sequence[Any], srcs: Sequence[Any]) -> None:
-    """dsts[i][:] = srcs[i] for every block; several at once on the native thread pool."""
+def copy_payloads(dsts: Sequence[Any], srcs: Sequence[Any]) -> list[int]:
+    """dsts[i][:] = srcs[i] for every block; returns the CRC32C of each block copied.
+
+    One pass over the bytes (each piece is checksummed while still in cache),
+    several blocks at once on the native thread pool.
+    """
     if not dsts:
-        return
-    if len(dsts) == 1:
-        _native.memcpy(dsts[0], srcs[0])
-        return
+        return []
     d = [np.frombuffer(x, dtype=np.uint8) for x in dsts]        # kept alive across the call
     s = [np.frombuffer(x, dtype=np.uint8) for x in srcs]
     for a, b in zip(d, s):
         if a.nbytes != b.nbytes or not a.flags.writeable:
             raise ValueError(f"destination of {a.nbytes} bytes (writable: {a.flags.writeable}) "
                              f"for a block of {b.nbytes}")
-    _native.copy_spans(np.array([a.ctypes.data for a in s], dtype=np.uint64),
-                       np.array([a.ctypes.data for a in d], dtype=np.uint64),
-                       np.array([a.nbytes for a in d], dtype=np.uint64))
+    return _native.copy_crc_spans(np.array([a.ctypes.data for a in s], dtype=np.uint64),
+                                  np.array([a.ctypes.data for a in d], dtype=np.uint64),
+                                  np.array([a.nbytes for a in d], dtype=np.uint64)).tolist()
 
 
 # ---- requests --------------------------------------------------------------------

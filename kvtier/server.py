@@ -245,20 +245,8 @@ class Server:
         st = self.stores.get(req.ns)
         if st is not None and st.block_bytes != req.block_bytes:
             raise P.ProtocolError(P.E_BLOCK_SIZE, f"namespace {req.ns} holds blocks of {st.block_bytes} bytes")
-        found, crcs, payloads, handles = [], [], [], []
-        try:
-            for key in req.keys:
-                got = st.get(key, self.wait_s) if st is not None else None
-                found.append(got is not None)
-                if got is not None:
-                    crcs.append(got[0])
-                    payloads.append(got[1])
-                    if got[2] is not None:
-                        handles.append(got[2])
-        except Exception:
-            for h in handles:             # no reply will carry these bytes: release them now
-                st.cache.complete_load(h, success=False)
-            raise
+        found, crcs, payloads, handles = st.get(req.keys, self.wait_s) if st is not None else \
+            ([False] * len(req.keys), [], [], [])
         self.metrics.inc("blocks_total", len(payloads), op="get", outcome="hit")
         self.metrics.inc("blocks_total", len(found) - len(payloads), op="get", outcome="miss")
         self.metrics.inc("bytes_out_total", len(payloads) * req.block_bytes)
@@ -283,7 +271,8 @@ class Server:
         st = self.stores.get(req.ns)
         body = {"namespace": req.ns, "block_bytes": st.block_bytes if st else None,
                 "capacity_bytes": st.capacity_bytes if st else 0,
-                "resident_blocks": st.resident_blocks() if st else 0}
+                "resident_blocks": st.resident_blocks() if st else 0,
+                "populating": st.cache.tiers[0].populating if st else False}
         return [P.encode_reply(req.req_id, body=body)]
 
     # ---- loop -----------------------------------------------------------------------
@@ -293,10 +282,12 @@ class Server:
         self._leased = (None, ())
         try:
             if handles and len(reply[1]) > COPY_BLOCK_BYTES:
-                # block bytes go out of the slots; leases held until zmq lets go
-                frames = [zmq.Frame(p, track=True) for p in reply[1:]]
-                self.sock.send_multipart([ident, reply[0], *frames], copy=False)
-                self._pending.append(([f.tracker for f in frames], st, handles))
+                # block bytes go out of the slots; leases held until zmq lets go of the last
+                # frame (it releases a message's frames in order; a torn block would still
+                # fail the client's checksum)
+                last = zmq.Frame(reply[-1], track=True)
+                self.sock.send_multipart([ident, *reply[:-1], last], copy=False)
+                self._pending.append((last.tracker, st, handles))
                 return
             # small blocks are copied into the message here, so their leases end below
             self.sock.send_multipart([ident] + reply, copy=bool(handles))
@@ -306,7 +297,7 @@ class Server:
             st.cache.complete_load(h)
 
     def _reap(self, force: bool = False) -> None:
-        while self._pending and (force or all(t.done for t in self._pending[0][0])):
+        while self._pending and (force or self._pending[0][0].done):
             _, st, handles = self._pending.popleft()
             for h in handles:
                 st.cache.complete_load(h)

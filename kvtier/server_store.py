@@ -48,9 +48,9 @@ class NamespaceStore:
             os.makedirs(disk_dir, exist_ok=True)
             with open(path + ".json", "w", encoding="utf-8") as f:      # lets a restart reopen it
                 json.dump({"namespace": name, "block_bytes": block_bytes}, f)
-        # pages are mapped as blocks arrive: populating a whole quota here would stall the
+        # pages are mapped from a thread: populating a whole quota here would stall the
         # server's one loop (every tenant's requests) for seconds when a namespace opens
-        host = HostConfig(capacity_bytes=quota_bytes, pinned="off", populate=False)
+        host = HostConfig(capacity_bytes=quota_bytes, pinned="off", populate="background")
         cfg = KVTierConfig(host=host, disk=disk,
                            staging_bytes=min(64 << 20, quota_bytes) if disk_dir else 0, transfer_threads=1)
         ns = Namespace(model="kvtier-server", block_tokens=1, tenant=name)
@@ -69,57 +69,79 @@ class NamespaceStore:
     def put(self, keys, crcs, payloads) -> tuple[list[bool], int]:
         """Store blocks whose payload matches its CRC; (per-key stored, corrupt count)."""
         stored = [False] * len(keys)
-        good = [i for i, (want, got) in enumerate(zip(crcs, P.payload_crcs(payloads))) if want == got]
-        corrupt = len(keys) - len(good)
-        for c in range(0, len(good), self._chunk):
+        corrupt = 0
+        for c in range(0, len(keys), self._chunk):
             if c and len(self.cache.tiers) > 1:
                 self.cache.flush(5.0)        # backpressure: let the evicted blocks reach the disk
-            self._put(good[c:c + self._chunk], keys, crcs, payloads, stored)
+            corrupt += self._put(range(c, min(len(keys), c + self._chunk)), keys, crcs, payloads, stored)
         return stored, corrupt
 
-    def _put(self, good, keys, crcs, payloads, stored) -> None:
-        sub = [keys[i] for i in good]
+    def _put(self, idx, keys, crcs, payloads, stored) -> int:
+        """Copy blocks idx into leased slots, checksumming as they go; returns how many were corrupt."""
+        sub = [keys[i] for i in idx]
         h = self.cache.prepare_store(sub, owner="put")
         taken = set(h.positions) if h is not None else set()
+        bad = []
         if h is not None:
             bb = self.block_bytes
-            P.copy_payloads([v[:bb] for v in h.views], [payloads[good[j]] for j in h.positions])
-            for view, j in zip(h.views, h.positions):
-                i = good[j]
-                view[bb:] = TRAILER.pack(crcs[i], MAGIC)
-                stored[i] = True
+            got = P.copy_payloads([v[:bb] for v in h.views], [payloads[idx[j]] for j in h.positions])
+            for view, j, crc in zip(h.views, h.positions, got):
+                i = idx[j]
+                if crc == crcs[i]:
+                    view[bb:] = TRAILER.pack(crcs[i], MAGIC)
+                    stored[i] = True
+                else:            # the bytes are not what the client checksummed: never served
+                    view[bb:] = TRAILER.pack(0, 0)
+                    bad.append(sub[j])
             self.cache.complete_store(h, True)
-        for j, i in enumerate(good):
+            if bad:
+                self.cache.discard(bad)
+        for j, i in enumerate(idx):
             if j not in taken and self.cache.lookup([sub[j]]).num_blocks:
                 stored[i] = True                     # already held (or a duplicate in this request)
+        return len(bad)
 
-    def get(self, key: bytes, wait_s: float):
-        """(crc, bytes, load handle or None) of a stored block, or None.
+    def get(self, keys, wait_s: float) -> tuple[list[bool], list[int], list, list]:
+        """(found per key, crcs, payloads, load handles) of the stored blocks among ``keys``.
 
-        With a handle, the bytes are a view of the leased host slot: complete_load(handle)
-        once they have been sent.
+        Runs of stored keys are leased together.  Payloads are views of the leased
+        host slots: complete_load every handle once they have been sent.
         """
-        h = self.cache.prepare_load([key], owner="get")
-        if h is None:
-            return None
-        if not h.ready():
-            h.wait(wait_s)
-        if h.num_ok != 1:
-            self.cache.complete_load(h, success=False)
-            return None
-        view = h.views[0]
-        crc, magic = TRAILER.unpack(view[self.block_bytes:])
-        if magic != MAGIC:                          # never written whole: drop it
-            self.cache.complete_load(h, success=False)
-            self.delete([key])
-            return None
-        if len(self.cache.tiers) > 1:
-            # blocks promoted from disk need host slots: copy out and release at once, so one
-            # large get cannot pin the whole host tier while its reply is on the wire
-            data = bytes(view[:self.block_bytes])
-            self.cache.complete_load(h)
-            return crc, data, None
-        return crc, view[:self.block_bytes], h
+        cache, bb = self.cache, self.block_bytes
+        found, crcs, payloads, handles, drop = [False] * len(keys), [], [], [], []
+        copy_out = len(cache.tiers) > 1
+        i = 0
+        try:
+            while i < len(keys):
+                h = cache.prepare_load(keys[i:], owner="get")
+                if h is None:
+                    i += 1
+                    continue
+                handles.append(h)
+                if not h.ready():
+                    h.wait(wait_s)
+                for j, (good, view) in enumerate(zip(h.ok, h.views)):
+                    if not good:
+                        continue
+                    crc, magic = TRAILER.unpack(view[bb:])
+                    if magic != MAGIC:                 # never written whole: drop it
+                        drop.append(keys[i + j])
+                        continue
+                    found[i + j] = True
+                    crcs.append(crc)
+                    # blocks promoted from disk need host slots: copy out and release at once,
+                    # so one large get cannot pin the whole host tier while its reply is on the wire
+                    payloads.append(bytes(view[:bb]) if copy_out else view[:bb])
+                i += len(h.keys)
+                if copy_out:
+                    cache.complete_load(handles.pop())
+        except BaseException:
+            for h in handles:
+                cache.complete_load(h, success=False)
+            raise
+        if drop:
+            self.delete(drop)
+        return found, crcs, payloads, handles
 
     def exists(self, keys) -> list[bool]:
         return [self.cache.lookup([k]).num_blocks == 1 for k in keys]

@@ -64,6 +64,18 @@ def test_write_read_roundtrip(make_tier):
     assert bytes(dsts[40]) == bytes([POISON]) * BB        # a miss leaves the buffer alone
 
 
+def test_read_with_misses_between_hits(make_tier):
+    t = make_tier()
+    keys = [k(i) for i in range(12)]
+    assert all(t.write(keys, [0] * 12, [block(x, BB) for x in keys]))
+    mixed = [k(900), *keys[:5], k(901), k(902), *keys[5:], k(903)]
+    dsts = poisoned(len(mixed))
+    ok = t.read(mixed, [0] * len(mixed), dsts)
+    assert ok == [False] + [True] * 5 + [False, False] + [True] * 7 + [False]
+    verify(mixed, dsts, ok)
+    assert all(bytes(d) == bytes([POISON]) * BB for d, good in zip(dsts, ok) if not good)
+
+
 def test_contains_and_discard(make_tier):
     t = make_tier()
     keys = [k(i) for i in range(10)]

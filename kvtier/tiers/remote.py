@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 2.0
-REQUEST_BYTES = 4 << 20          # payload bytes per request (at least one block)
+REQUEST_BYTES = 8 << 20          # payload bytes per request (at least one block)
 WAVE_REQUESTS = 16               # requests in flight per call
 
 
@@ -315,8 +315,7 @@ class RemoteTier(Tier):
             take = [j for j, i in enumerate(idx) if not ok[i]]     # not already had from a replica
             if not take:
                 return
-            P.copy_payloads([dsts[idx[j]] for j in take], [rep.payloads[j] for j in take])
-            got = P.payload_crcs([dsts[idx[j]] for j in take])
+            got = P.copy_payloads([dsts[idx[j]] for j in take], [rep.payloads[j] for j in take])
             for j, crc in zip(take, got):
                 if crc == rep.crcs[j]:
                     ok[idx[j]] = True
