@@ -5,7 +5,9 @@ same block sizes:
 
 * ``tcp``: a plain Python socket peer; the client streams a batch of blocks to
   it (put) or from it (get) with ``sendall``/``recv_into`` and waits for a
-  one-byte acknowledgement.  This is the machine's peak for the path, the
+  one-byte acknowledgement.  The peer sends (receives) each block of a batch
+  from (into) its own place in a 64 MiB buffer, as a server holds distinct
+  blocks, so neither side gets to reuse one cache-hot block.  This is the machine's peak for the path, the
   ``peak_gbps`` of every row.
 * ``kvtier``: ``kvtier serve`` and a RemoteTier (checksums on, one batched
   request per call).
@@ -73,12 +75,13 @@ def _recv_exact(conn: socket.socket, view: memoryview) -> bool:
 def _tcp_peer(listener: socket.socket) -> None:
     conn, _ = listener.accept()
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    buf = bytearray(64 << 20)
+    buf = memoryview(bytearray(os.urandom(64 << 20)))
     hdr = bytearray(_REQ.size)
     while _recv_exact(conn, memoryview(hdr)):
         op, bb, n = _REQ.unpack(hdr)
-        view = memoryview(buf)[:bb]
-        for _ in range(n):
+        room = max(1, len(buf) // bb)
+        for i in range(n):
+            view = buf[i % room * bb:(i % room + 1) * bb]   # distinct blocks, as a server holds them
             if op == b"p":
                 _recv_exact(conn, view)
             else:
@@ -216,6 +219,9 @@ class _Peers:
             raise RuntimeError(f"kvtier bench: {n - sum(ok)} of {n} blocks not stored ({self.tier.stats()})")
         if rc is not None:
             self._redis_put([b"bench:" + x for x in self.keys], self.src)
+        deadline = time.monotonic() + 120      # measure once the server has mapped the namespace's memory
+        while (self.tier.ping("stats")[0] or {}).get("populating") and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _new_keys(self, m: int) -> list[bytes]:
         return [next(self.fresh).to_bytes(16, "little") for _ in range(m)]
