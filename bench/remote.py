@@ -16,7 +16,10 @@ same block sizes:
 
 Throughput rows move ``--batch-bytes`` per call and report the median over
 ``--repeat`` runs; latency (p50/p99) is one block per call, ``--samples`` calls.
-The peers take turns call by call, so a busy machine slows them alike.  Puts
+The peers take turns call by call, so a busy machine slows them alike (and
+each call finds the other peer's threads asleep, as sporadic requests do);
+``p50_alone_ms`` / ``p99_alone_ms`` are the same calls made back to back, one
+peer at a time.  Puts
 store fresh keys every time (a server skips blocks it already holds).  Each
 kvtier row also carries ``vs_redis`` (its throughput over Redis's), and every
 row ``cpu_s_per_gb``: CPU seconds spent by client and server together per GB
@@ -195,6 +198,19 @@ def _interleaved(fns: dict, rounds: int, pids: dict) -> tuple[dict[str, list[flo
     return times, cpu
 
 
+def _back_to_back(fns: dict, calls: int) -> dict[str, list[float]]:
+    """Wall time of each of ``calls`` calls made one right after another, peer by peer."""
+    times: dict[str, list[float]] = {}
+    for name, fn in fns.items():
+        fn()
+        ts = times[name] = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return times
+
+
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(len(xs) * q))]
@@ -287,11 +303,14 @@ def run(args) -> list[dict]:
                 for op in ("get", "put"):         # gets first: the puts of fresh keys evict
                     thr, cpu = _interleaved(peers.fns(op, n), repeat, pids)
                     lat, _ = _interleaved(peers.fns(op, 1), samples, pids)
+                    alone = _back_to_back(peers.fns(op, 1), samples)
                     secs = {p: statistics.median(ts) for p, ts in thr.items()}
                     peak = n * bb / secs["tcp"] / 1e9
                     for p, s_ in secs.items():
                         extra = dict(block_bytes=bb, blocks=n, p50_ms=round(_pct(lat[p], 0.5) * 1e3, 3),
                                      p99_ms=round(_pct(lat[p], 0.99) * 1e3, 3),
+                                     p50_alone_ms=round(_pct(alone[p], 0.5) * 1e3, 3),
+                                     p99_alone_ms=round(_pct(alone[p], 0.99) * 1e3, 3),
                                      cpu_s_per_gb=round(cpu[p] / (repeat * n * bb / 1e9), 3))
                         if p == "kvtier" and "redis" in secs:
                             extra["vs_redis"] = round(secs["redis"] / s_, 3)
