@@ -31,31 +31,32 @@ static PyObject *new_result(Py_ssize_t n, Py_ssize_t itemsize)
 
 /* ---- copy_spans / memcpy ----------------------------------------------- */
 
-static PyObject *py_copy_spans(PyObject *self, PyObject *args, PyObject *kw)
+/* Parses and checks (src_addrs, dst_addrs, lengths, threads) for the span
+ * copies: equal lengths, no null or wrapping span, no span overlapping itself.
+ * On success the caller releases the three views; on failure nothing is held. */
+static int parse_copy_args(PyObject *args, PyObject *kw, const char *fmt, Py_buffer *src,
+                           Py_buffer *dst, Py_buffer *len, int *threads, uint64_t *total)
 {
     static char *kwlist[] = {"src_addrs", "dst_addrs", "lengths", "threads", NULL};
     PyObject *osrc, *odst, *olen, *othreads = Py_None;
-    Py_buffer src, dst, len;
-    int threads, rc = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|O:copy_spans", kwlist, &osrc, &odst, &olen,
-                                     &othreads))
-        return NULL;
-    if (kv_parse_threads(othreads, default_threads, &threads) < 0)
-        return NULL;
-    if (kv_get_array(osrc, "src_addrs", "uint64", KV_U64, &src) < 0)
-        return NULL;
-    if (kv_get_array(odst, "dst_addrs", "uint64", KV_U64, &dst) < 0)
+    if (!PyArg_ParseTupleAndKeywords(args, kw, fmt, kwlist, &osrc, &odst, &olen, &othreads))
+        return -1;
+    if (kv_parse_threads(othreads, default_threads, threads) < 0)
+        return -1;
+    if (kv_get_array(osrc, "src_addrs", "uint64", KV_U64, src) < 0)
+        return -1;
+    if (kv_get_array(odst, "dst_addrs", "uint64", KV_U64, dst) < 0)
         goto fail_src;
-    if (kv_get_array(olen, "lengths", "uint64", KV_U64, &len) < 0)
+    if (kv_get_array(olen, "lengths", "uint64", KV_U64, len) < 0)
         goto fail_dst;
-    if (kv_same_length("src_addrs", &src, "dst_addrs", &dst) < 0 ||
-        kv_same_length("src_addrs", &src, "lengths", &len) < 0)
+    if (kv_same_length("src_addrs", src, "dst_addrs", dst) < 0 ||
+        kv_same_length("src_addrs", src, "lengths", len) < 0)
         goto fail;
-    const uint64_t *s = src.buf, *d = dst.buf, *l = len.buf;
-    Py_ssize_t n = kv_count(&src);
-    uint64_t total = 0;
+    const uint64_t *s = src->buf, *d = dst->buf, *l = len->buf;
+    Py_ssize_t n = kv_count(src);
+    *total = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        total += l[i];
+        *total += l[i];
         if (kv_check_span("src_addrs", i, s[i], l[i]) < 0 ||
             kv_check_span("dst_addrs", i, d[i], l[i]) < 0)
             goto fail;
@@ -64,26 +65,43 @@ static PyObject *py_copy_spans(PyObject *self, PyObject *args, PyObject *kw)
             goto fail;
         }
     }
+    return 0;
+fail:
+    PyBuffer_Release(len);
+fail_dst:
+    PyBuffer_Release(dst);
+fail_src:
+    PyBuffer_Release(src);
+    return -1;
+}
+
+static void release3(Py_buffer *a, Py_buffer *b, Py_buffer *c)
+{
+    PyBuffer_Release(c);
+    PyBuffer_Release(b);
+    PyBuffer_Release(a);
+}
+
+static PyObject *py_copy_spans(PyObject *self, PyObject *args, PyObject *kw)
+{
+    Py_buffer src, dst, len;
+    int threads, rc;
+    uint64_t total;
+    if (parse_copy_args(args, kw, "OOO|O:copy_spans", &src, &dst, &len, &threads, &total) < 0)
+        return NULL;
+    const uint64_t *s = src.buf, *d = dst.buf, *l = len.buf;
+    size_t n = (size_t)kv_count(&src);
     if (total < GIL_RELEASE_BYTES) {
-        rc = kv_copy_spans(s, d, l, (size_t)n, threads);
+        rc = kv_copy_spans(s, d, l, n, threads);
     } else {
         Py_BEGIN_ALLOW_THREADS
-        rc = kv_copy_spans(s, d, l, (size_t)n, threads);
+        rc = kv_copy_spans(s, d, l, n, threads);
         Py_END_ALLOW_THREADS
     }
-    PyBuffer_Release(&len);
-    PyBuffer_Release(&dst);
-    PyBuffer_Release(&src);
+    release3(&src, &dst, &len);
     if (rc)
         return PyErr_NoMemory();
     Py_RETURN_NONE;
-fail:
-    PyBuffer_Release(&len);
-fail_dst:
-    PyBuffer_Release(&dst);
-fail_src:
-    PyBuffer_Release(&src);
-    return NULL;
 }
 
 static PyObject *py_memcpy(PyObject *self, PyObject *args, PyObject *kw)
@@ -209,58 +227,29 @@ done_addr:
 
 static PyObject *py_copy_crc_spans(PyObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"src_addrs", "dst_addrs", "lengths", "threads", NULL};
-    PyObject *osrc, *odst, *olen, *othreads = Py_None, *result = NULL;
     Py_buffer src, dst, len;
-    int threads, rc = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|O:copy_crc_spans", kwlist, &osrc, &odst,
-                                     &olen, &othreads))
+    int threads, rc;
+    uint64_t total;
+    if (parse_copy_args(args, kw, "OOO|O:copy_crc_spans", &src, &dst, &len, &threads, &total) < 0)
         return NULL;
-    if (kv_parse_threads(othreads, default_threads, &threads) < 0)
-        return NULL;
-    if (kv_get_array(osrc, "src_addrs", "uint64", KV_U64, &src) < 0)
-        return NULL;
-    if (kv_get_array(odst, "dst_addrs", "uint64", KV_U64, &dst) < 0)
-        goto fail_src;
-    if (kv_get_array(olen, "lengths", "uint64", KV_U64, &len) < 0)
-        goto fail_dst;
-    if (kv_same_length("src_addrs", &src, "dst_addrs", &dst) < 0 ||
-        kv_same_length("src_addrs", &src, "lengths", &len) < 0)
-        goto fail;
     const uint64_t *s = src.buf, *d = dst.buf, *l = len.buf;
-    Py_ssize_t n = kv_count(&src);
-    uint64_t total = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        total += l[i];
-        if (kv_check_span("src_addrs", i, s[i], l[i]) < 0 ||
-            kv_check_span("dst_addrs", i, d[i], l[i]) < 0)
-            goto fail;
-        if (l[i] && s[i] < d[i] + l[i] && d[i] < s[i] + l[i]) {
-            PyErr_Format(PyExc_ValueError, "span %zd: source and destination overlap", i);
-            goto fail;
+    size_t n = (size_t)kv_count(&src);
+    PyObject *result = new_result((Py_ssize_t)n, sizeof(uint32_t));
+    if (result) {
+        uint32_t *out = (uint32_t *)PyByteArray_AS_STRING(result);
+        if (total < GIL_RELEASE_BYTES) {
+            rc = kv_copy_crc_spans(s, d, l, out, n, threads);
+        } else {
+            Py_BEGIN_ALLOW_THREADS
+            rc = kv_copy_crc_spans(s, d, l, out, n, threads);
+            Py_END_ALLOW_THREADS
+        }
+        if (rc) {
+            Py_CLEAR(result);
+            PyErr_NoMemory();
         }
     }
-    result = new_result(n, sizeof(uint32_t));
-    if (!result)
-        goto fail;
-    uint32_t *out = (uint32_t *)PyByteArray_AS_STRING(result);
-    if (total < GIL_RELEASE_BYTES) {
-        rc = kv_copy_crc_spans(s, d, l, out, (size_t)n, threads);
-    } else {
-        Py_BEGIN_ALLOW_THREADS
-        rc = kv_copy_crc_spans(s, d, l, out, (size_t)n, threads);
-        Py_END_ALLOW_THREADS
-    }
-    if (rc) {
-        Py_CLEAR(result);
-        PyErr_NoMemory();
-    }
-fail:
-    PyBuffer_Release(&len);
-fail_dst:
-    PyBuffer_Release(&dst);
-fail_src:
-    PyBuffer_Release(&src);
+    release3(&src, &dst, &len);
     return result;
 }
 

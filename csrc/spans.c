@@ -26,13 +26,14 @@ struct copy_job {
     int streaming;
 };
 
-static size_t span_at(const struct copy_job *c, uint64_t pos)
+/* The last i < n with start[i] <= pos (start ascending, start[0] <= pos): the
+ * span that holds pos, zero-length spans before it skipped. */
+static size_t span_at(const uint64_t *start, size_t n, uint64_t pos)
 {
-    /* last span i with start[i] <= pos (zero-length spans before it skipped) */
-    size_t lo = 0, hi = c->n - 1;
+    size_t lo = 0, hi = n - 1;
     while (lo < hi) {
         size_t mid = lo + (hi - lo + 1) / 2;
-        if (c->start[mid] <= pos)
+        if (start[mid] <= pos)
             lo = mid;
         else
             hi = mid - 1;
@@ -45,7 +46,7 @@ static void copy_task(void *ctx, size_t task)
     const struct copy_job *c = ctx;
     uint64_t pos = (uint64_t)task * c->chunk;
     uint64_t end = pos + c->chunk < c->total ? pos + c->chunk : c->total;
-    for (size_t i = span_at(c, pos); pos < end && i < c->n; i++) {
+    for (size_t i = span_at(c->start, c->n, pos); pos < end && i < c->n; i++) {
         uint64_t off = pos - c->start[i];
         uint64_t take = c->len[i] - off;
         if (take > end - pos)
@@ -121,7 +122,7 @@ void kv_crc32c_spans(const uint64_t *addr, const uint64_t *len, uint32_t *out, s
 /* Task k is piece k - first[i] of span i (first[n] = number of tasks). */
 struct copy_crc_job {
     const uint64_t *src, *dst, *len;
-    const size_t *first;
+    const uint64_t *first;
     uint32_t *piece_crc;
     size_t n;
     uint64_t piece;
@@ -131,14 +132,7 @@ struct copy_crc_job {
 static void copy_crc_task(void *ctx, size_t task)
 {
     const struct copy_crc_job *c = ctx;
-    size_t lo = 0, hi = c->n - 1; /* span i: first[i] <= task < first[i + 1] */
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo + 1) / 2;
-        if (c->first[mid] <= task)
-            lo = mid;
-        else
-            hi = mid - 1;
-    }
+    size_t lo = span_at(c->first, c->n, task);
     uint64_t off = (uint64_t)(task - c->first[lo]) * c->piece;
     uint64_t end = off + c->piece < c->len[lo] ? off + c->piece : c->len[lo];
     const char *s = (const char *)(uintptr_t)c->src[lo];
@@ -162,12 +156,12 @@ int kv_copy_crc_spans(const uint64_t *src, const uint64_t *dst, const uint64_t *
     for (size_t i = 0; i < n; i++)
         total += len[i];
     uint64_t piece = threads <= 1 || total < KV_INLINE_BYTES ? UINT64_MAX : FUSE_PIECE;
-    size_t *first = malloc((n + 1) * sizeof(size_t));
+    uint64_t *first = malloc((n + 1) * sizeof(uint64_t));
     if (!first)
         return ENOMEM;
     first[0] = 0;
     for (size_t i = 0; i < n; i++)
-        first[i + 1] = first[i] + (len[i] ? (size_t)((len[i] - 1) / piece + 1) : 1);
+        first[i + 1] = first[i] + (len[i] ? (len[i] - 1) / piece + 1 : 1);
     uint32_t *piece_crc = malloc(first[n] * sizeof(uint32_t));
     if (!piece_crc) {
         free(first);
@@ -175,10 +169,10 @@ int kv_copy_crc_spans(const uint64_t *src, const uint64_t *dst, const uint64_t *
     }
     struct copy_crc_job job = {src, dst, len, first, piece_crc, n, piece,
                                total >= KV_STREAM_BYTES && kv_copy_streaming()};
-    kv_pool_run(copy_crc_task, &job, first[n], piece == UINT64_MAX ? 1 : threads);
+    kv_pool_run(copy_crc_task, &job, (size_t)first[n], piece == UINT64_MAX ? 1 : threads);
     for (size_t i = 0; i < n; i++) {
         uint32_t crc = piece_crc[first[i]];
-        for (size_t k = first[i] + 1; k < first[i + 1]; k++) {
+        for (uint64_t k = first[i] + 1; k < first[i + 1]; k++) {
             uint64_t at = (uint64_t)(k - first[i]) * piece;
             uint64_t rest = len[i] - at;
             crc = kv_crc32c_combine(crc, piece_crc[k], rest < piece ? rest : piece);
