@@ -93,3 +93,38 @@ def test_gets_release_their_leases(block_bytes):
         if server._thread is not None and server._thread.is_alive():
             server.stop()
         server.srv.close()
+
+
+@pytest.mark.parametrize("disk", [False, True], ids=["host", "host+disk"])
+def test_store_serves_runs_around_refused_and_damaged_blocks(tmp_path, disk):
+    """A put whose block fails its checksum stores the others; a get leases runs of
+    stored keys and answers a block without its trailer as a miss (and drops it)."""
+    from kvtier import protocol as P
+    from kvtier.server_store import NamespaceStore
+    bb = 64 << 10
+    st = NamespaceStore("t", bb, 16 * (bb + 4096), str(tmp_path) if disk else None, 64 << 20)
+    try:
+        keys = keys_of(*range(6))
+        blocks = [os.urandom(bb) for _ in keys]
+        crcs = P.payload_crcs(blocks)
+        torn = bytearray(blocks[3])
+        torn[7] ^= 1
+        stored, corrupt = st.put(keys, crcs, blocks[:3] + [bytes(torn)] + blocks[4:])
+        assert stored == [True, True, True, False, True, True] and corrupt == 1
+        assert st.exists(keys) == [True, True, True, False, True, True]
+        assert st.cache.flush(10)
+        h = st.cache.prepare_load([keys[1]], owner="test")      # a block never written whole
+        h.views[0][bb:] = TRAILER.pack(0, 0)
+        st.cache.complete_load(h)
+
+        found, got_crcs, payloads, handles = st.get(keys + keys_of(99), 1.0)
+        assert found == [True, False, True, False, True, True, False]
+        assert [bytes(p) for p in payloads] == [blocks[i] for i in (0, 2, 4, 5)]
+        assert got_crcs == [crcs[i] for i in (0, 2, 4, 5)]
+        assert (handles == []) if disk else (len(handles) == 2)   # two runs leased: 0-2, then 4-5
+        for h in handles:
+            st.cache.complete_load(h)
+        assert st.exists(keys) == [True, False, True, False, True, True]
+        assert st.cache.stats().get("open_handles", 0) == 0
+    finally:
+        st.close()
