@@ -1,6 +1,6 @@
 """``kvtier bench remote``: the remote tier over loopback vs a raw TCP stream and Redis.
 
-Three peers run as separate processes, each measured in the same run with the
+Four peers run as separate processes, each measured in the same run with the
 same block sizes:
 
 * ``tcp``: a plain Python socket peer; the client streams a batch of blocks to
@@ -11,6 +11,13 @@ same block sizes:
   ``peak_gbps`` of every row.
 * ``kvtier``: ``kvtier serve`` and a RemoteTier (checksums on, one batched
   request per call).
+* ``zmq``: the bare transport kvtier rides on, with no kvtier logic: a pyzmq
+  ROUTER peer that sends a batch's blocks as one zero-copy multipart message
+  (get) or receives them and copies each into its place in a buffer while
+  checksumming it (put), against a DEALER client that does the same copy and
+  checksum (get) or checksums before sending zero-copy (put).  What ZeroMQ
+  plus end-to-end checksums cost on this machine: the ceiling of the kvtier
+  rows, which also carry ``vs_zmq``.
 * ``redis``: a ``redis-server`` started here (no persistence), the same blocks
   stored through redis-py pipelines.  Skipped when redis-server is missing.
 
@@ -123,6 +130,58 @@ class TcpClient:
             self.proc.kill()
 
 
+# ---- bare ZeroMQ peer -------------------------------------------------------------------
+def _zmq_peer(endpoint: str) -> None:
+    import zmq
+    from kvtier import protocol as P
+    from kvtier.server import tune_malloc
+    tune_malloc()
+    sock = zmq.Context().socket(zmq.ROUTER)
+    sock.bind(endpoint)
+    buf = memoryview(bytearray(os.urandom(64 << 20)))
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        op, bb, n = _REQ.unpack(frames[1].bytes)
+        room = max(1, len(buf) // bb)
+        blocks = [buf[i % room * bb:(i % room + 1) * bb] for i in range(n)]   # distinct places
+        if op == b"q":
+            return
+        if op == b"p":
+            P.copy_payloads(blocks, [f.buffer for f in frames[2:]])
+            sock.send_multipart([frames[0], b"k"])
+        else:
+            sock.send_multipart([frames[0], b"h", *blocks], copy=False)
+
+
+class ZmqClient:
+    def __init__(self):
+        import zmq
+        endpoint = f"tcp://127.0.0.1:{_free_port()}"
+        self.proc = mp.get_context("spawn").Process(target=_zmq_peer, args=(endpoint,), daemon=True)
+        self.proc.start()
+        self.sock = zmq.Context().socket(zmq.DEALER)
+        self.sock.connect(endpoint)
+
+    def put(self, blocks) -> None:
+        from kvtier import protocol as P
+        P.payload_crcs(blocks)
+        self.sock.send_multipart([_REQ.pack(b"p", len(blocks[0]), len(blocks)), *blocks], copy=False)
+        self.sock.recv()
+
+    def get(self, dsts) -> None:
+        from kvtier import protocol as P
+        self.sock.send(_REQ.pack(b"g", len(dsts[0]), len(dsts)))
+        frames = self.sock.recv_multipart(copy=False)
+        P.copy_payloads(dsts, [f.buffer for f in frames[1:]])
+
+    def close(self) -> None:
+        self.sock.send(_REQ.pack(b"q", 1, 0))
+        self.proc.join(5)
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.sock.close(0)
+
+
 # ---- peers we start ------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as s:
@@ -219,10 +278,10 @@ def _pct(xs: list[float], q: float) -> float:
 class _Peers:
     """put/get callables of one block size, for each peer, over a batch or one block."""
 
-    def __init__(self, bb: int, n: int, tcp: TcpClient, endpoint: str, rc):
+    def __init__(self, bb: int, n: int, tcp: TcpClient, zc: ZmqClient, endpoint: str, rc):
         from kvtier.keys import KEY_BYTES
         from kvtier.tiers.remote import RemoteTier
-        self.bb, self.n, self.tcp, self.rc = bb, n, tcp, rc
+        self.bb, self.n, self.tcp, self.zc, self.rc = bb, n, tcp, zc, rc
         blocks = [os.urandom(bb) for _ in range(min(n, 4))]
         self.src = [memoryview(blocks[i % len(blocks)]) for i in range(n)]
         self.dsts = [memoryview(bytearray(bb)) for _ in range(n)]
@@ -267,6 +326,7 @@ class _Peers:
                 d[:] = v
 
         out = {"tcp": (lambda: self.tcp.put(src)) if op == "put" else (lambda: self.tcp.get(dsts)),
+               "zmq": (lambda: self.zc.put(src)) if op == "put" else (lambda: self.zc.get(dsts)),
                "kvtier": kv_put if op == "put" else kv_get}
         if self.rc is not None:
             out["redis"] = (lambda: self._redis_put([b"bench:" + x for x in self._new_keys(m)], src)) \
@@ -289,16 +349,16 @@ def run(args) -> list[dict]:
     if args.quick:
         sizes, repeat, samples, batch_bytes = [256 << 10, 1 << 20], 3, 100, 16 << 20
     quota = (repeat + 4) * batch_bytes + 8 * max(sizes) + (64 << 20)   # puts of fresh keys fit
-    tcp = TcpClient()
+    tcp, zc = TcpClient(), ZmqClient()
     kv_proc, endpoint = _start_kvtier(quota, len(sizes))
     tmp = tempfile.mkdtemp(prefix="kvtier-bench-redis-")
     redis_proc, rc = (None, None) if args.no_redis else _start_redis(tmp)
-    pids = {"tcp": tcp.proc.pid, "kvtier": kv_proc.pid, "redis": redis_proc.pid if redis_proc else 0}
+    pids = {"tcp": tcp.proc.pid, "zmq": zc.proc.pid, "kvtier": kv_proc.pid, "redis": redis_proc.pid if redis_proc else 0}
     rows = []
     try:
         for bb in sizes:
             n = max(1, batch_bytes // bb)
-            peers = _Peers(bb, n, tcp, endpoint, rc)
+            peers = _Peers(bb, n, tcp, zc, endpoint, rc)
             try:
                 for op in ("get", "put"):         # gets first: the puts of fresh keys evict
                     thr, cpu = _interleaved(peers.fns(op, n), repeat, pids)
@@ -312,13 +372,16 @@ def run(args) -> list[dict]:
                                      p50_alone_ms=round(_pct(alone[p], 0.5) * 1e3, 3),
                                      p99_alone_ms=round(_pct(alone[p], 0.99) * 1e3, 3),
                                      cpu_s_per_gb=round(cpu[p] / (repeat * n * bb / 1e9), 3))
-                        if p == "kvtier" and "redis" in secs:
-                            extra["vs_redis"] = round(secs["redis"] / s_, 3)
+                        if p == "kvtier":
+                            extra["vs_zmq"] = round(secs["zmq"] / s_, 3)
+                            if "redis" in secs:
+                                extra["vs_redis"] = round(secs["redis"] / s_, 3)
                         rows.append(row("remote", f"{p} {op} {bb >> 10}KiB", n * bb, s_, peak, **extra))
             finally:
                 peers.close()
     finally:
         tcp.close()
+        zc.close()
         kv_proc.terminate()
         try:
             kv_proc.wait(20)
