@@ -93,6 +93,23 @@ def check_bind(endpoint: str, curve: bool) -> str:
     return host
 
 
+def memory_limit() -> int | None:
+    """Bytes of memory this process may use: the machine's, or its cgroup's limit if lower."""
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path, encoding="ascii") as f:
+                limits.append(int(f.read().strip()))        # "max" (no limit) is not an int
+            break
+        except (OSError, ValueError):
+            pass
+    return min(limits) if limits else None
+
+
 class Server:
     """The request loop. ``run()`` serves until ``stop()`` (or a signal)."""
 
@@ -103,6 +120,11 @@ class Server:
         zmq = _zmq()
         self.zmq = zmq
         check_bind(bind, curve_secret is not None)
+        limit = memory_limit()
+        if limit is not None and capacity_bytes > limit:
+            # namespaces map their whole quota when they open: more than the memory there is
+            # would end in the kernel killing the server, not in a miss
+            raise ConfigError("--capacity", capacity_bytes, f"at most the memory this server may use ({limit} bytes)")
         self.tenants = dict(tenants or {})
         self.capacity_bytes = capacity_bytes
         self.default_quota = default_quota
