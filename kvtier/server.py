@@ -36,6 +36,7 @@ from .config import parse_size
 from .errors import ConfigError, KVTierError, MissingDependencyError
 from .metrics import Metrics, serve_http
 from .server_store import NamespaceStore, disk_name
+from .tiers.host import memory_limit
 
 log = logging.getLogger("kvtier.server")
 
@@ -91,23 +92,6 @@ def check_bind(endpoint: str, curve: bool) -> str:
         raise ConfigError("--bind", endpoint, f"tcp://{LOOPBACK}:PORT unless CURVE is on (--curve-secret): "
                                               "a server on another address must authenticate its clients")
     return host
-
-
-def memory_limit() -> int | None:
-    """Bytes of memory this process may use: the machine's, or its cgroup's limit if lower."""
-    limits = []
-    try:
-        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        pass
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(path, encoding="ascii") as f:
-                limits.append(int(f.read().strip()))        # "max" (no limit) is not an int
-            break
-        except (OSError, ValueError):
-            pass
-    return min(limits) if limits else None
 
 
 class Server:

@@ -120,3 +120,14 @@ def test_background_populate_maps_pages_without_touching_stored_bytes():
         HostTier("bad", 1 << 20, 4, memory="pageable", populate="sometimes")
     if not kernel_has_it:
         pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux < 5.14): pages map on first use")
+
+
+def test_host_tier_refuses_more_memory_than_the_process_may_use():
+    """An arena over the machine's (or the container's) memory would end in an OOM kill."""
+    from kvtier.tiers.host import HostTier, memory_limit
+    limit = memory_limit()
+    assert limit is not None and limit > 0
+    slots = limit // (1 << 20) + 1024
+    with pytest.raises(ConfigError, match=r"big\.capacity_bytes.*memory this process may use"):
+        HostTier("big", 1 << 20, slots, memory="pageable")
+    HostTier("fits", 1 << 20, 4, memory="pageable").close()

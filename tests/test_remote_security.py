@@ -51,7 +51,7 @@ def test_refuses_a_non_loopback_bind_without_curve():
 def test_refuses_a_capacity_beyond_the_memory_it_may_use():
     """Namespaces map their whole quota when they open: a capacity over the machine's (or
     the container's) memory would end in the kernel killing the server."""
-    from kvtier.server import memory_limit
+    from kvtier.tiers.host import memory_limit
     limit = memory_limit()
     assert limit is not None and limit > 0
     s = ServerProc(["--capacity", str(limit + (1 << 30))]).start(expect_ok=False)

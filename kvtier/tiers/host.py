@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import mmap
+import os
 import threading
 from typing import Sequence
 
@@ -30,6 +31,23 @@ POPULATE_STEP = 32 << 20          # bytes per madvise call of the background pop
 
 def _round_up(n: int, a: int) -> int:
     return (n + a - 1) // a * a
+
+
+def memory_limit() -> int | None:
+    """Bytes of memory this process may use: the machine's, or its cgroup's limit if lower."""
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path, encoding="ascii") as f:
+                limits.append(int(f.read().strip()))        # "max" (no limit) is not an int
+            break
+        except (OSError, ValueError):
+            pass
+    return min(limits) if limits else None
 
 
 def _cuda_available() -> bool:
@@ -88,6 +106,10 @@ class HostTier(Tier):
                                   f"an amount of pinned memory this machine can lock ({e})") from e
             arena = self._tensor.numpy()
         else:
+            limit = memory_limit()
+            if limit is not None and nbytes > limit:     # it would end in an OOM kill, not a miss
+                raise ConfigError(f"{name}.capacity_bytes", nbytes,
+                                  f"at most the memory this process may use ({limit} bytes)")
             try:
                 # anonymous and page-aligned
                 self._mmap = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
