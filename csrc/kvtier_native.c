@@ -31,74 +31,80 @@ static PyObject *new_result(Py_ssize_t n, Py_ssize_t itemsize)
 
 /* ---- copy_spans / memcpy ----------------------------------------------- */
 
-/* Parses and checks (src_addrs, dst_addrs, lengths, threads) for the span
- * copies: equal lengths, no null or wrapping span, no span overlapping itself.
- * On success the caller releases the three views; on failure nothing is held. */
-static int parse_copy_args(PyObject *args, PyObject *kw, const char *fmt, Py_buffer *src,
-                           Py_buffer *dst, Py_buffer *len, int *threads, uint64_t *total)
+/* The checked arguments of the span copies. */
+struct copy_args {
+    Py_buffer src, dst, len;
+    const uint64_t *s, *d, *l;
+    size_t n;
+    int threads;
+    uint64_t total; /* bytes over all spans */
+};
+
+static void release_copy_args(struct copy_args *a)
+{
+    PyBuffer_Release(&a->len);
+    PyBuffer_Release(&a->dst);
+    PyBuffer_Release(&a->src);
+}
+
+/* Parses and checks (src_addrs, dst_addrs, lengths, threads): equal lengths, no
+ * null or wrapping span, no span overlapping itself. On success the caller
+ * releases `a`; on failure nothing is held. */
+static int parse_copy_args(PyObject *args, PyObject *kw, const char *fmt, struct copy_args *a)
 {
     static char *kwlist[] = {"src_addrs", "dst_addrs", "lengths", "threads", NULL};
     PyObject *osrc, *odst, *olen, *othreads = Py_None;
     if (!PyArg_ParseTupleAndKeywords(args, kw, fmt, kwlist, &osrc, &odst, &olen, &othreads))
         return -1;
-    if (kv_parse_threads(othreads, default_threads, threads) < 0)
+    if (kv_parse_threads(othreads, default_threads, &a->threads) < 0)
         return -1;
-    if (kv_get_array(osrc, "src_addrs", "uint64", KV_U64, src) < 0)
+    if (kv_get_array(osrc, "src_addrs", "uint64", KV_U64, &a->src) < 0)
         return -1;
-    if (kv_get_array(odst, "dst_addrs", "uint64", KV_U64, dst) < 0)
-        goto fail_src;
-    if (kv_get_array(olen, "lengths", "uint64", KV_U64, len) < 0)
-        goto fail_dst;
-    if (kv_same_length("src_addrs", src, "dst_addrs", dst) < 0 ||
-        kv_same_length("src_addrs", src, "lengths", len) < 0)
+    if (kv_get_array(odst, "dst_addrs", "uint64", KV_U64, &a->dst) < 0) {
+        PyBuffer_Release(&a->src);
+        return -1;
+    }
+    if (kv_get_array(olen, "lengths", "uint64", KV_U64, &a->len) < 0) {
+        PyBuffer_Release(&a->dst);
+        PyBuffer_Release(&a->src);
+        return -1;
+    }
+    if (kv_same_length("src_addrs", &a->src, "dst_addrs", &a->dst) < 0 ||
+        kv_same_length("src_addrs", &a->src, "lengths", &a->len) < 0)
         goto fail;
-    const uint64_t *s = src->buf, *d = dst->buf, *l = len->buf;
-    Py_ssize_t n = kv_count(src);
-    *total = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        *total += l[i];
-        if (kv_check_span("src_addrs", i, s[i], l[i]) < 0 ||
-            kv_check_span("dst_addrs", i, d[i], l[i]) < 0)
+    const uint64_t *s = a->s = a->src.buf, *d = a->d = a->dst.buf, *l = a->l = a->len.buf;
+    a->n = (size_t)kv_count(&a->src);
+    a->total = 0;
+    for (size_t i = 0; i < a->n; i++) {
+        a->total += l[i];
+        if (kv_check_span("src_addrs", (Py_ssize_t)i, s[i], l[i]) < 0 ||
+            kv_check_span("dst_addrs", (Py_ssize_t)i, d[i], l[i]) < 0)
             goto fail;
         if (l[i] && s[i] < d[i] + l[i] && d[i] < s[i] + l[i]) {
-            PyErr_Format(PyExc_ValueError, "span %zd: source and destination overlap", i);
+            PyErr_Format(PyExc_ValueError, "span %zu: source and destination overlap", i);
             goto fail;
         }
     }
     return 0;
 fail:
-    PyBuffer_Release(len);
-fail_dst:
-    PyBuffer_Release(dst);
-fail_src:
-    PyBuffer_Release(src);
+    release_copy_args(a);
     return -1;
-}
-
-static void release3(Py_buffer *a, Py_buffer *b, Py_buffer *c)
-{
-    PyBuffer_Release(c);
-    PyBuffer_Release(b);
-    PyBuffer_Release(a);
 }
 
 static PyObject *py_copy_spans(PyObject *self, PyObject *args, PyObject *kw)
 {
-    Py_buffer src, dst, len;
-    int threads, rc;
-    uint64_t total;
-    if (parse_copy_args(args, kw, "OOO|O:copy_spans", &src, &dst, &len, &threads, &total) < 0)
+    struct copy_args a;
+    int rc;
+    if (parse_copy_args(args, kw, "OOO|O:copy_spans", &a) < 0)
         return NULL;
-    const uint64_t *s = src.buf, *d = dst.buf, *l = len.buf;
-    size_t n = (size_t)kv_count(&src);
-    if (total < GIL_RELEASE_BYTES) {
-        rc = kv_copy_spans(s, d, l, n, threads);
+    if (a.total < GIL_RELEASE_BYTES) {
+        rc = kv_copy_spans(a.s, a.d, a.l, a.n, a.threads);
     } else {
         Py_BEGIN_ALLOW_THREADS
-        rc = kv_copy_spans(s, d, l, n, threads);
+        rc = kv_copy_spans(a.s, a.d, a.l, a.n, a.threads);
         Py_END_ALLOW_THREADS
     }
-    release3(&src, &dst, &len);
+    release_copy_args(&a);
     if (rc)
         return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -227,21 +233,18 @@ done_addr:
 
 static PyObject *py_copy_crc_spans(PyObject *self, PyObject *args, PyObject *kw)
 {
-    Py_buffer src, dst, len;
-    int threads, rc;
-    uint64_t total;
-    if (parse_copy_args(args, kw, "OOO|O:copy_crc_spans", &src, &dst, &len, &threads, &total) < 0)
+    struct copy_args a;
+    int rc;
+    if (parse_copy_args(args, kw, "OOO|O:copy_crc_spans", &a) < 0)
         return NULL;
-    const uint64_t *s = src.buf, *d = dst.buf, *l = len.buf;
-    size_t n = (size_t)kv_count(&src);
-    PyObject *result = new_result((Py_ssize_t)n, sizeof(uint32_t));
+    PyObject *result = new_result((Py_ssize_t)a.n, sizeof(uint32_t));
     if (result) {
         uint32_t *out = (uint32_t *)PyByteArray_AS_STRING(result);
-        if (total < GIL_RELEASE_BYTES) {
-            rc = kv_copy_crc_spans(s, d, l, out, n, threads);
+        if (a.total < GIL_RELEASE_BYTES) {
+            rc = kv_copy_crc_spans(a.s, a.d, a.l, out, a.n, a.threads);
         } else {
             Py_BEGIN_ALLOW_THREADS
-            rc = kv_copy_crc_spans(s, d, l, out, n, threads);
+            rc = kv_copy_crc_spans(a.s, a.d, a.l, out, a.n, a.threads);
             Py_END_ALLOW_THREADS
         }
         if (rc) {
@@ -249,7 +252,7 @@ static PyObject *py_copy_crc_spans(PyObject *self, PyObject *args, PyObject *kw)
             PyErr_NoMemory();
         }
     }
-    release3(&src, &dst, &len);
+    release_copy_args(&a);
     return result;
 }
 
