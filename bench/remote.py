@@ -159,7 +159,8 @@ class ZmqClient:
         endpoint = f"tcp://127.0.0.1:{_free_port()}"
         self.proc = mp.get_context("spawn").Process(target=_zmq_peer, args=(endpoint,), daemon=True)
         self.proc.start()
-        self.sock = zmq.Context().socket(zmq.DEALER)
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.connect(endpoint)
 
     def put(self, blocks) -> None:
@@ -175,11 +176,16 @@ class ZmqClient:
         P.copy_payloads(dsts, [f.buffer for f in frames[1:]])
 
     def close(self) -> None:
-        self.sock.send(_REQ.pack(b"q", 1, 0))
+        import zmq
+        try:
+            self.sock.send(_REQ.pack(b"q", 1, 0), zmq.NOBLOCK)   # a peer that is gone: no wait
+        except zmq.Again:
+            pass
         self.proc.join(5)
         if self.proc.is_alive():
             self.proc.kill()
         self.sock.close(0)
+        self.ctx.term()
 
 
 # ---- peers we start ------------------------------------------------------------------
