@@ -1,11 +1,11 @@
-"""Build kvtier's native core (csrc/*.c) as the extension kvtier._kvtier_native.
+"""Build kvtier's native core (csrc/*.c) as the extension kvtier.native._kvtier_native.
 
 Package metadata lives in pyproject.toml; this file only describes the C
 extension. It is built with the system C compiler and no torch or CUDA headers.
 No instruction-set flag is global: CRC32C picks SSE4.2 or ARMv8 CRC at run time,
 so one binary runs on any CPU of its architecture. When no compiler is found the
 build is skipped with a warning and kvtier runs on its Python reference ops
-(kvtier/_reference.py).
+(kvtier/native/numpy_ref.py).
 """
 
 import glob
@@ -58,7 +58,7 @@ class OptionalBuildExt(build_ext):
 
 
 native = Extension(
-    "kvtier._kvtier_native",
+    "kvtier.native._kvtier_native",
     sources=NATIVE_SOURCES,
     depends=NATIVE_HEADERS,
     include_dirs=["csrc"],

@@ -10,6 +10,7 @@ from .errors import ConfigError, CorruptBlockError, KVTierError, MissingDependen
 from .handles import LoadHandle, Lookup, StoreHandle
 from .keys import KEY_BYTES, Namespace, chain_keys, salt_hashes
 from .layout import BlockLayout
+from .listeners import CacheListener
 from .paged import PagedKVCache
 from .policy import EvictionPolicy, make_policy, policy_names, register_policy
 
@@ -19,6 +20,6 @@ __all__ = [
     "TieredCache", "PagedKVCache", "BlockLayout", "Namespace", "KEY_BYTES", "chain_keys", "salt_hashes",
     "KVTierConfig", "HostConfig", "DiskConfig", "RemoteConfig", "GpuConfig",
     "KVTierError", "ConfigError", "TierIOError", "CorruptBlockError", "MissingDependencyError",
-    "Lookup", "StoreHandle", "LoadHandle",
+    "Lookup", "StoreHandle", "LoadHandle", "CacheListener",
     "EvictionPolicy", "make_policy", "policy_names", "register_policy", "__version__",
 ]

@@ -10,7 +10,12 @@ Primitives, in lifecycle order:
                                  are promoted into top-tier slots in the background
     complete_load(h)             release the leases
     release(owner)               abort everything an owner still holds
+    add_listener(listener)       hear where blocks appear and disappear
+                                 (stored, demoted, promoted, evicted, dropped:
+                                 see :mod:`kvtier.listeners`)
 
+The index (:mod:`kvtier.index`) records every (tier, key); the movement
+(:mod:`kvtier.movement`) reserves slots, evicts, demotes and promotes.
 Eviction picks victims through each tier's EvictionPolicy.  A victim's bytes
 are copied into a bounded staging pool and its slot is freed at once; the
 TransferEngine then writes it to the next tier (demotion) in the background.
@@ -19,7 +24,7 @@ waits on a slower tier.  Leases and pending stores carry a deadline; an owner
 that disappears cannot pin slots for longer than ``lease_timeout_s``.
 
 One lock guards the index; bytes move outside it (the caller's copies into
-handle views) or on transfer threads.
+handle views) or on transfer threads.  Listeners are called with it held.
 """
 from __future__ import annotations
 
@@ -32,23 +37,26 @@ from collections import Counter, defaultdict
 from typing import Hashable, Sequence
 
 from .errors import ConfigError
-from .handles import DOOMED, PENDING, PROMOTING, READY, Entry, LoadHandle, Lookup, StoreHandle
+from .handles import LoadHandle, Lookup, StoreHandle
+from .index import PENDING, PROMOTING, READY, BlockIndex, Entry
+from .jobs import TransferEngine
 from .keys import Namespace, check_keys
-from .policy import EvictionPolicy, make_policy
+from .listeners import CacheListener, Listeners
 from .movement import TierMovement
+from .policy import make_policy
 from .tiers.base import Tier
 from .tiers.host import HostTier
-from .transfer import TransferEngine
 
 log = logging.getLogger(__name__)
 
 
-class TieredCache(TierMovement):
+class TieredCache:
     """An ordered stack of tiers (fastest first) behind one index."""
 
     def __init__(self, tiers: Sequence[Tier], policy: str | Sequence[str] = "lru", *,
                  lease_timeout_s: float = 30.0, staging_bytes: int = 64 << 20,
-                 transfer_threads: int = 2, namespace: Namespace | None = None):
+                 transfer_threads: int = 2, namespace: Namespace | None = None,
+                 listeners: Sequence[CacheListener] = ()):
         tiers = list(tiers)
         if not tiers:
             raise ConfigError("tiers", "[]", "at least one tier")
@@ -69,45 +77,51 @@ class TieredCache(TierMovement):
         self.namespace = namespace
         self.block_bytes = bb
         self.lease_timeout_s = float(lease_timeout_s)
-        self._policies: list[EvictionPolicy | None] = [
-            make_policy(p, t.num_slots) if t.num_slots is not None else None for p, t in zip(names, tiers)]
-        self._index: list[dict[bytes, Entry]] = [dict() for _ in tiers]
-        # admission filters of lower tiers (e.g. TinyLFU on disk), fed with every use of a block
-        self._admission = [getattr(t, "admission", None) for t in tiers]
+        self._stats: Counter = Counter()
         self._lock = threading.RLock()
-        stores_bytes = getattr(tiers[0], "stores_bytes", True)
-        slots = max(1, staging_bytes // max(1, getattr(tiers[0], "slot_bytes", bb)))
+        self._events = Listeners(self._stats, listeners)
+        policies = [make_policy(p, t.num_slots) if t.num_slots is not None else None
+                    for p, t in zip(names, tiers)]
+        self._index = BlockIndex(tiers, policies, self._events)
+        self._policies = self._index.policies
+        # admission filters of lower tiers (e.g. TinyLFU on disk), fed with every use of a block
+        self._admission = [t.admission for t in tiers if t.admission is not None]
+        stores_bytes = tiers[0].stores_bytes
+        slots = max(1, staging_bytes // max(1, tiers[0].slot_bytes))
         if not stores_bytes:                     # no bytes to hold: as many as the top tier has
             slots = max(slots, tiers[0].num_slots)
         self._staging = HostTier("staging", bb, slots,
                                  memory="pageable" if stores_bytes else "none")
         self._bytes = stores_bytes
-        self._inflight: dict[bytes, int] = {}          # key -> staging slot, while moving down
         self._engine = TransferEngine(transfer_threads)
+        self._moves = TierMovement(self._index, self._staging, self._engine, self._lock, self._stats,
+                                   self._events, block_bytes=bb, stores_bytes=stores_bytes)
         self._deadlines: list[tuple[float, int, object]] = []
         self._seq = itertools.count()
         self._owners: dict[Hashable, set] = defaultdict(set)
-        self._stats: Counter = Counter()
-        self._recover()
+        self._index.recover()
 
     # ---- construction from config --------------------------------------------------
     @classmethod
-    def from_config(cls, cfg, namespace: Namespace, block_bytes: int) -> "TieredCache":
+    def from_config(cls, cfg, namespace: Namespace, block_bytes: int, *,
+                    listeners: Sequence[CacheListener] = ()) -> "TieredCache":
         """Build the tier stack a :class:`~kvtier.config.KVTierConfig` describes."""
         from .tiers.factory import build_tiers
         tiers, policies = build_tiers(cfg, namespace, block_bytes)
         return cls(tiers, policies, lease_timeout_s=cfg.lease_timeout_s,
                    staging_bytes=cfg.staging_bytes, transfer_threads=cfg.transfer_threads,
-                   namespace=namespace)
+                   namespace=namespace, listeners=listeners)
 
-    def _recover(self) -> None:
-        for t, tier in enumerate(self.tiers):
-            for key, slot in tier.recover():
-                self._index[t][key] = Entry(slot, READY, 0)
-                if self._policies[t] is not None:
-                    self._policies[t].insert(key, 0)
-            if self._index[t]:
-                log.info("%s: recovered %d blocks", tier.name, len(self._index[t]))
+    # ---- listeners -------------------------------------------------------------------
+    def add_listener(self, listener: CacheListener) -> None:
+        """Call ``listener`` on every later block event (contract: :mod:`kvtier.listeners`)."""
+        with self._lock:
+            self._events.add(listener)
+
+    def remove_listener(self, listener: CacheListener) -> None:
+        """Stop calling ``listener``; unknown listeners are ignored."""
+        with self._lock:
+            self._events.remove(listener)
 
     # ---- lookup ---------------------------------------------------------------------
     def lookup(self, keys: Sequence[bytes]) -> Lookup:
@@ -116,7 +130,7 @@ class TieredCache(TierMovement):
         found: list[int] = []                    # tier index of each leading stored block
         with self._lock:
             self._expire()
-            indexes = self._index
+            indexes = list(self._index)
             for key in keys:
                 for t, index in enumerate(indexes):
                     e = index.get(key)
@@ -144,13 +158,6 @@ class TieredCache(TierMovement):
                 self._stats[f"{names[t]}.hit_blocks"] += count
             self._stats["miss_blocks"] += len(keys) - len(found)
         return Lookup(len(where), tuple(where))
-
-    def _find(self, key: bytes) -> int | None:
-        for t, index in enumerate(self._index):
-            e = index.get(key)
-            if e is not None and e.state == READY:
-                return t
-        return None
 
     def _ask(self, tier: Tier, keys: list[bytes]) -> int:
         """How many leading keys a shared tier holds; a failing tier holds none."""
@@ -187,7 +194,7 @@ class TieredCache(TierMovement):
                     todo.append(i)
                 else:
                     self._stats[f"{top.name}.not_admitted"] += 1
-            slots = self._reserve(0, len(todo)) if todo else []
+            slots = self._moves.reserve(0, len(todo)) if todo else []
             if not slots:
                 if todo:
                     self._stats["store_rejected_blocks"] += len(todo)
@@ -219,9 +226,10 @@ class TieredCache(TierMovement):
             n = len(handle.keys)
             self._stats[f"{self.tiers[0].name}.stored_blocks"] += n
             self._stats[f"{self.tiers[0].name}.bytes_in"] += n * self.block_bytes
+            self._events.emit("stored", self.tiers[0], handle.keys)
             for t in range(1, len(self.tiers)):
                 if self.tiers[t].write_through:
-                    self._copy_down(0, t, [(k, index[k]) for k in handle.keys], through=True)
+                    self._moves.copy_down(0, t, [(k, index[k]) for k in handle.keys], through=True)
             return True
 
     def _rollback_store(self, handle: StoreHandle) -> None:
@@ -231,10 +239,12 @@ class TieredCache(TierMovement):
             self.tiers[0].free([e.slot])
         self._stats["store_failed_blocks"] += len(handle.keys)
 
+    def _record_use(self, keys: Sequence[bytes]) -> None:
+        for f in self._admission:
+            f.record(keys)
+
     def _present(self, key: bytes) -> bool:
-        if key in self._inflight:
-            return True
-        return any(key in index for index in self._index)
+        return self._moves.moving(key) or self._index.holds(key)
 
     # ---- load -----------------------------------------------------------------------
     def prepare_load(self, keys: Sequence[bytes], owner: Hashable, start: int = 0) -> LoadHandle | None:
@@ -247,7 +257,7 @@ class TieredCache(TierMovement):
         with self._lock:
             self._expire()
             entries, slots, tiers, jobs = [], [], [], []
-            promote: dict[int, list[tuple[bytes, Entry]]] = defaultdict(list)
+            promote: dict[int, list[tuple[bytes, Entry, Entry]]] = defaultdict(list)
             for i, key in enumerate(keys):
                 top = self._index[0].get(key)
                 if top is not None and top.state in (READY, PROMOTING):
@@ -259,14 +269,14 @@ class TieredCache(TierMovement):
                     entries.append(top)
                     tiers.append(self.tiers[0].name)
                     continue
-                t = self._find(key)
+                t = self._index.find(key)
                 if t is None:
                     break
                 src = self._index[t][key]
                 src.leases += 1                    # before reserving: the cascade may evict below
-                got = self._reserve(0, 1)
+                got = self._moves.reserve(0, 1)
                 if not got:
-                    self._unlease(t, key, src)
+                    self._index.unlease(t, src)
                     break
                 if self._policies[t] is not None:
                     self._policies[t].access(key, start + i)
@@ -279,12 +289,7 @@ class TieredCache(TierMovement):
                 self._stats["load_miss"] += 1
                 return None
             for t, items in promote.items():
-                job = self._engine.submit(f"promote {self.tiers[t].name}->{self.tiers[0].name}",
-                                          lambda t=t, items=items: self._promote(t, items),
-                                          lambda job, t=t, items=items: self._promoted(job, t, items))
-                for _, _, e in items:
-                    if e.state == PROMOTING:
-                        e.job = job
+                job = self._moves.promote(t, items)
                 if not job.done():
                     jobs.append(job)
             n = len(entries)
@@ -309,8 +314,8 @@ class TieredCache(TierMovement):
             return True
 
     def _release_load(self, handle: LoadHandle) -> None:
-        for key, e in zip(handle.keys, handle.entries):
-            self._unlease(0, key, e)
+        for e in handle.entries:
+            self._index.unlease(0, e)
 
     def discard(self, keys: Sequence[bytes]) -> int:
         """Forget stored blocks in every tier; returns how many copies were dropped.
@@ -325,7 +330,7 @@ class TieredCache(TierMovement):
                 for t in range(len(self.tiers)):
                     e = self._index[t].get(key)
                     if e is not None and e.state == READY:
-                        self._drop(t, key)
+                        self._index.drop(t, key)
                         n += 1
             self._stats["discarded_blocks"] += n
         return n
@@ -373,27 +378,6 @@ class TieredCache(TierMovement):
             self._stats["lease_timeouts"] += 1
             log.warning("lease of owner %r expired after %.1fs: released", h.owner, self.lease_timeout_s)
 
-    def _unlease(self, t: int, key: bytes, e: Entry) -> None:
-        e.leases -= 1
-        if e.leases == 0 and e.state == DOOMED:
-            self.tiers[t].free([e.slot])
-
-    def _doom(self, t: int, key: bytes, e: Entry) -> None:
-        """Remove an entry from the index; its slot is freed when the last lease goes."""
-        if self._index[t].get(key) is e:
-            del self._index[t][key]
-        if self._policies[t] is not None:
-            self._policies[t].remove(key)
-        e.state = DOOMED
-        if e.leases == 0:
-            self.tiers[t].free([e.slot])
-
-    def _drop(self, t: int, key: bytes) -> None:
-        e = self._index[t].get(key)
-        if e is not None:
-            self.tiers[t].discard([key], [e.slot])
-            self._doom(t, key, e)
-
     # ---- housekeeping ---------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for background demotions and promotions to finish."""
@@ -404,10 +388,8 @@ class TieredCache(TierMovement):
         with self._lock:
             out = dict(self._stats)
             for t, tier in enumerate(self.tiers):
-                out[f"{tier.name}.resident_blocks"] = sum(
-                    1 for e in self._index[t].values() if e.state == READY)
-                out[f"{tier.name}.leased_blocks"] = sum(1 for e in self._index[t].values() if e.leases)
-            out["inflight_blocks"] = len(self._inflight)
+                out[f"{tier.name}.resident_blocks"], out[f"{tier.name}.leased_blocks"] = self._index.occupancy(t)
+            out["inflight_blocks"] = self._moves.num_moving
             out["open_handles"] = sum(len(v) for v in self._owners.values())
             return out
 

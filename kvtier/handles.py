@@ -1,26 +1,9 @@
-"""The cache's bookkeeping records: index entries, store and load handles, lookups."""
+"""What the cache hands its callers: store and load handles, lookups (index entries: :mod:`kvtier.index`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .transfer import Job
-
-PENDING, READY, PROMOTING, DOOMED = "pending", "ready", "promoting", "doomed"
-
-
-class Entry:
-    """Where one key lives in one tier, and who is using it."""
-    __slots__ = ("slot", "state", "leases", "pos", "job", "staging")
-
-    def __init__(self, slot: int, state: str, pos: int, leases: int = 0):
-        self.slot = slot
-        self.state = state
-        self.leases = leases
-        self.pos = pos
-        self.job: Job | None = None
-        self.staging = None    # a write-through copy holding a lease on it (movement._StagedCopy)
+from .index import READY
 
 
 @dataclass(frozen=True)

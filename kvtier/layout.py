@@ -21,6 +21,11 @@ import numpy as np
 from .errors import ConfigError
 
 
+def round_up(n: int, align: int) -> int:
+    """The least multiple of ``align`` that is at least ``n``."""
+    return (n + align - 1) // align * align
+
+
 @dataclass(frozen=True)
 class Spans:
     """Parallel uint64 arrays: copy ``lengths[i]`` bytes from ``src[i]`` to ``dst[i]``."""

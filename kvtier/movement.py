@@ -1,27 +1,43 @@
 """How blocks move between tiers: eviction, demotion and promotion.
 
-Mixed into :class:`~kvtier.cache.TieredCache`, whose lock, index, policies,
-staging pool and TransferEngine it uses; every method here runs with the
-cache's lock held, except the two transfer-thread bodies (``_write_down``,
-``_promote``), which take it only to change the index.
+:class:`TierMovement` is built by :class:`~kvtier.cache.TieredCache`, which
+passes in everything it touches: the :class:`~kvtier.index.BlockIndex` (tiers,
+entries, policies), the staging pool, the TransferEngine, the cache's lock, its
+stats counter and its listeners.  The cache calls, with its lock held:
 
-    _reserve(t, n)       up to n slots in tier t, evicting unprotected blocks
-    _evict(t, victims)   drop victims from tier t, demoting them first
-    _copy_down(t, d, …)  copy blocks into staging and queue their write to tier d
-                         (write-through: lease them, and the transfer thread copies)
+    reserve(t, n)          up to n slots in tier t, evicting unprotected blocks;
+                           a victim's demotion is queued before it leaves the
+                           index (listeners hear ``evicted``)
+    copy_down(t, d, items, through)
+                           copy blocks into staging and queue their write to tier d
+                           (write-through: lease them, and the transfer thread copies)
+    promote(t, items)      queue the read of tier-t blocks into their top-tier
+                           slots; returns the job a load waits for
+    moving(key), num_moving
+                           whether a block is on its way down (held in staging),
+                           and how many are
+
+The transfer-thread bodies below take the lock only to change the index:
+
     _write_down / _written_down
-                         transfer thread: write staged blocks; publish or roll back
-    _promote / _promoted transfer thread: read lower-tier blocks into top-tier slots
+                           write staged blocks into the lower tier; publish them
+                           (``demoted``) or roll back
+    _read_up / _promoted   read blocks into their top-tier slots; publish them
+                           (``promoted``) or doom the top-tier copy (a block the
+                           lower tier could not read back is ``dropped`` there)
 """
 from __future__ import annotations
 
+import threading
+from collections import Counter
 from typing import Sequence
 
-from . import _native
+from . import native
 from .errors import TierIOError
-from .handles import PENDING, PROMOTING, READY, Entry
-from .transfer import Job
-
+from .index import PENDING, PROMOTING, READY, BlockIndex, Entry
+from .jobs import Job, TransferEngine
+from .listeners import Listeners
+from .tiers.base import Tier
 
 _LEASED, _COPYING, _DONE = "leased", "copying", "done"
 
@@ -40,11 +56,37 @@ def _waiting(e: Entry) -> "_StagedCopy | None":
 
 
 class TierMovement:
-    """Eviction, demotion and promotion for TieredCache (see module docstring)."""
+    """Eviction, demotion and promotion between a cache's tiers (see module docstring)."""
 
-    def _reserve(self, t: int, n: int) -> list[int]:
+    def __init__(self, index: BlockIndex, staging: Tier, engine: TransferEngine, lock: threading.RLock,
+                 stats: Counter, events: Listeners, *, block_bytes: int, stores_bytes: bool):
+        """``staging``: an addressable pool of ``block_bytes`` slots for blocks in flight;
+        ``stores_bytes`` False: metadata only, no bytes are copied."""
+        self._index = index
+        self._tiers = index.tiers
+        self._policies = index.policies
+        self._admission = [t.admission for t in self._tiers]   # taken once, as the cache does
+        self._staging = staging
+        self._engine = engine
+        self._lock = lock
+        self._stats = stats
+        self._events = events
+        self._block_bytes = block_bytes
+        self._bytes = stores_bytes
+        self._inflight: dict[bytes, int] = {}          # key -> staging slot, while moving down
+
+    # ---- what the cache calls (lock held) ----------------------------------------------
+    def moving(self, key: bytes) -> bool:
+        """Whether ``key`` is on its way down (staged, not yet written)."""
+        return key in self._inflight
+
+    @property
+    def num_moving(self) -> int:
+        return len(self._inflight)
+
+    def reserve(self, t: int, n: int) -> list[int]:
         """Up to n slots in tier t, evicting (and demoting) unprotected blocks."""
-        tier, policy = self.tiers[t], self._policies[t]
+        tier, policy = self._tiers[t], self._policies[t]
         if tier.num_slots is None:
             return [0] * n
         short = n - tier.num_free
@@ -68,46 +110,22 @@ class TierMovement:
                 self._evict(t, victims)
         return tier.allocate(min(n, tier.num_free)) or []
 
-    def _evict(self, t: int, victims: list[bytes]) -> None:
-        tier, index = self.tiers[t], self._index[t]
-        self._stats[f"{tier.name}.evicted_blocks"] += len(victims)
-        down = t + 1 if t + 1 < len(self.tiers) else None
-        moving = []
-        for key in victims:
-            e = index[key]
-            copy = _waiting(e)
-            if copy is not None:                   # its write-through copy cannot wait: make it now
-                self._stage_one(tier, key, e, copy.slot)
-                self._finish_staged(t, copy)
-            if down is not None and not self.tiers[down].write_through:
-                moving.append((key, e))
-        if moving:
-            self._copy_down(t, down, moving)
-        slots = [index.pop(key).slot for key in victims]
-        tier.discard(victims, slots)
-        tier.free(slots)
-
-    def _record_use(self, keys: Sequence[bytes]) -> None:
-        for f in self._admission:
-            if f is not None:
-                f.record(keys)
-
-    def _copy_down(self, t: int, down: int, items: list[tuple[bytes, Entry]], through: bool = False) -> None:
+    def copy_down(self, t: int, down: int, items: Sequence[tuple[bytes, Entry]], through: bool = False) -> None:
         """Copy blocks of tier t into staging and queue their write to tier ``down``.
 
-        Demotions pass the lower tier's admission filter; write-through copies do not.
-        An evicted block's slot is reused at once, so its bytes are copied here; a
-        write-through block stays where it is, so it is leased instead and the
-        transfer thread copies it (the caller, an engine's scheduler completing a
-        store, does not wait for the copy).
+        Demotions pass the lower tier's policy and admission filter; write-through
+        copies pass only the policy.  An evicted block's slot is reused at once, so
+        its bytes are copied here; a write-through block stays where it is, so it is
+        leased instead and the transfer thread copies it (the caller, an engine's
+        scheduler completing a store, does not wait for the copy).
         """
-        lower, src = self.tiers[down], self.tiers[t]
+        lower, src = self._tiers[down], self._tiers[t]
         policy = self._policies[down]
         admission = None if through else self._admission[down]
         batch = []
         leased: list[_StagedCopy] = []
         for key, e in items:
-            if key in self._inflight or any(key in self._index[d] for d in range(down, len(self.tiers))):
+            if key in self._inflight or self._index.holds(key, down):
                 continue                           # already below (or on its way)
             if (policy is not None and not policy.admit(key, e.pos)) or \
                     (admission is not None and not admission.admit(key)):
@@ -132,9 +150,46 @@ class TierMovement:
             self._engine.submit(f"demote {src.name}->{lower.name}",
                                 lambda: self._write_down(down, batch, t, leased), done)
 
-    def _stage_one(self, src, key: bytes, e: Entry, st: int) -> None:
+    def promote(self, t: int, items: list[tuple[bytes, Entry, Entry]]) -> Job:
+        """Queue the read of tier-t blocks into top-tier slots.
+
+        ``items``: (key, leased tier-t entry, PROMOTING top-tier entry).  When the
+        job finishes the tier-t leases are released and each top-tier entry is
+        READY or doomed; a still-PROMOTING entry carries the job in ``Entry.job``.
+        """
+        job = self._engine.submit(f"promote {self._tiers[t].name}->{self._tiers[0].name}",
+                                  lambda: self._read_up(t, items),
+                                  lambda job: self._promoted(job, t, items))
+        for _, _, e in items:
+            if e.state == PROMOTING:
+                e.job = job
+        return job
+
+    # ---- eviction ---------------------------------------------------------------------
+    def _evict(self, t: int, victims: list[bytes]) -> None:
+        tier, index = self._tiers[t], self._index[t]
+        self._stats[f"{tier.name}.evicted_blocks"] += len(victims)
+        down = t + 1 if t + 1 < len(self._tiers) else None
+        moving = []
+        for key in victims:
+            e = index[key]
+            copy = _waiting(e)
+            if copy is not None:                   # its write-through copy cannot wait: make it now
+                self._stage_one(tier, key, e, copy.slot)
+                self._finish_staged(t, copy)
+            if down is not None and not self._tiers[down].write_through:
+                moving.append((key, e))
+        if moving:
+            self.copy_down(t, down, moving)
+        slots = [index.pop(key).slot for key in victims]
+        tier.discard(victims, slots)
+        tier.free(slots)
+        self._events.emit("evicted", tier, victims)
+
+    # ---- demotion ---------------------------------------------------------------------
+    def _stage_one(self, src: Tier, key: bytes, e: Entry, st: int) -> None:
         if src.addressable and src.medium == "host":
-            _native.memcpy(self._staging.view(st), src.view(e.slot))
+            native.memcpy(self._staging.view(st), src.view(e.slot))
         else:
             src.read([key], [e.slot], [self._staging.view(st)])
 
@@ -143,7 +198,7 @@ class TierMovement:
         copy.state = _DONE
         if copy.entry.staging is copy:
             copy.entry.staging = None
-        self._unlease(t, copy.key, copy.entry)
+        self._index.unlease(t, copy.entry)
 
     def _unlease_staged(self, t: int, leased: list[_StagedCopy]) -> None:
         with self._lock:
@@ -151,7 +206,7 @@ class TierMovement:
                 if copy.state == _LEASED:
                     self._finish_staged(t, copy)
 
-    def _write_down(self, down: int, batch, t: int = 0, leased: list[_StagedCopy] = ()) -> list[bool]:
+    def _write_down(self, down: int, batch, t: int = 0, leased: Sequence[_StagedCopy] = ()) -> list[bool]:
         """Transfer thread: copy leased blocks into staging (releasing them), reserve
         slots in the lower tier and write the staged bytes."""
         for copy in leased:
@@ -160,13 +215,13 @@ class TierMovement:
                     continue
                 copy.state = _COPYING              # protected from eviction while it runs
             try:
-                self._stage_one(self.tiers[t], copy.key, copy.entry, copy.slot)
+                self._stage_one(self._tiers[t], copy.key, copy.entry, copy.slot)
             finally:
                 with self._lock:
                     self._finish_staged(t, copy)
-        lower = self.tiers[down]
+        lower = self._tiers[down]
         with self._lock:
-            slots = self._reserve(down, len(batch))
+            slots = self.reserve(down, len(batch))
             for (key, _, pos), slot in zip(batch, slots):
                 self._index[down][key] = Entry(slot, PENDING, pos)
         views = [self._staging.view(st) for _, st, _ in batch[:len(slots)]] if self._bytes \
@@ -175,12 +230,13 @@ class TierMovement:
         return lower.write(keys, slots, views) if self._bytes else [True] * len(slots)
 
     def _written_down(self, job: Job, down: int, batch) -> None:
-        lower, policy = self.tiers[down], self._policies[down]
+        lower, policy = self._tiers[down], self._policies[down]
         with self._lock:
             results: dict[bytes, bool] = {}
             if isinstance(job.result, list):
                 for (key, _, _), good in zip(batch, job.result):
                     results[key] = good
+            published = []
             for key, st, pos in batch:
                 self._inflight.pop(key, None)
                 self._staging.free([st])
@@ -192,15 +248,18 @@ class TierMovement:
                     if policy is not None:
                         policy.insert(key, pos)
                     self._stats[f"{lower.name}.stored_blocks"] += 1
-                    self._stats[f"{lower.name}.bytes_in"] += self.block_bytes
+                    self._stats[f"{lower.name}.bytes_in"] += self._block_bytes
+                    published.append(key)
                 else:
                     del self._index[down][key]
                     lower.free([e.slot])
                     self._stats[f"{lower.name}.failed_writes"] += 1
+            self._events.emit("demoted", lower, published)
 
-    def _promote(self, t: int, items) -> list[bool]:
+    # ---- promotion --------------------------------------------------------------------
+    def _read_up(self, t: int, items) -> list[bool]:
         """Transfer thread: read blocks from tier t straight into their top-tier slots."""
-        src, top = self.tiers[t], self.tiers[0]
+        src, top = self._tiers[t], self._tiers[0]
         keys = [k for k, _, _ in items]
         if not self._bytes:
             return [True] * len(items)
@@ -222,18 +281,21 @@ class TierMovement:
 
     def _promoted(self, job: Job, t: int, items) -> None:
         ok = job.result if job.ok else [False] * len(items)
-        name = self.tiers[t].name
+        name = self._tiers[t].name
         with self._lock:
+            published = []
             for (key, src, e), good in zip(items, ok):
                 e.job = None
-                self._unlease(t, key, src)
+                self._index.unlease(t, src)
                 if good and e.state == PROMOTING:
                     e.state = READY
                     self._policies[0].insert(key, e.pos)
                     self._stats[f"{name}.promoted_blocks"] += 1
-                    self._stats[f"{name}.bytes_out"] += self.block_bytes
+                    self._stats[f"{name}.bytes_out"] += self._block_bytes
+                    published.append(key)
                     continue
                 self._stats[f"{name}.failed_reads"] += 1
                 if not good and job.ok:        # the tier dropped it (corrupt or vanished)
-                    self._drop(t, key)
-                self._doom(0, key, e)
+                    self._index.drop(t, key)
+                self._index.doom(0, key, e)
+            self._events.emit("promoted", self._tiers[0], published)

@@ -21,7 +21,7 @@ from .config import KVTierConfig
 from .errors import ConfigError
 from .keys import Namespace, chain_keys, check_keys
 from .layout import BlockLayout
-from .transfer import copy_spans
+from .gpu.span_copy import copy_spans
 
 _owners = itertools.count()
 

@@ -92,8 +92,4 @@ def make_policy(name: str, capacity: int) -> EvictionPolicy:
 
 def _load_builtin() -> None:
     if _REGISTRY.get("lru") is None:
-        from . import lru, s3fifo  # noqa: F401  (register themselves)
-    try:  # policies added by other modules register on import
-        from . import extra  # noqa: F401
-    except ImportError:
-        pass
+        from . import lru, prefix, s3fifo  # noqa: F401  (each registers itself on import)

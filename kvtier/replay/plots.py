@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Sequence
 
-from ..errors import MissingDependencyError
+from ..extras import require
 from .belady import belady_hits, infinite_hits
 from .sim import ReplayConfig, replay, simulate
 from .trace import Trace
@@ -62,14 +62,8 @@ def disk_sweep(trace: Trace, host_tokens: int, disk_tokens: Sequence[int], polic
 
 
 def _pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise MissingDependencyError("matplotlib", "bench", "plotting") from e
-    return plt
-
+    require("matplotlib", "plotting").use("Agg")
+    return require("matplotlib.pyplot", "plotting")
 
 def plot_capacity(rows: list[dict], path: str, title: str | None = None) -> str:
     """Hit ratio vs. capacity (log x), one line per policy, the infinite bound dashed."""

@@ -40,14 +40,14 @@ def bounds(trace: Trace, capacity_blocks: int, *, belady: bool = True, lru: bool
 
 def measure_host_gbps(nbytes: int = 256 << 20, repeat: int = 5) -> float:
     """Host memory bandwidth: median native memcpy of ``nbytes``."""
-    from .. import _native
+    from .. import native
     src = np.ones(nbytes, dtype=np.uint8)
     dst = np.empty_like(src)
-    _native.memcpy(dst, src)
+    native.memcpy(dst, src)
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        _native.memcpy(dst, src)
+        native.memcpy(dst, src)
         times.append(time.perf_counter() - t0)
     return nbytes / statistics.median(times) / 1e9
 

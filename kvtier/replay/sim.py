@@ -133,7 +133,7 @@ def _build_cache(cfg: ReplayConfig):
         from ..config import DiskConfig
         from ..keys import Namespace
         try:
-            from ..tiers.disk import DiskTier
+            from ..tiers.disk.tier import DiskTier
         except ImportError as e:
             raise ConfigError("capacities_tokens", cfg.capacities_tokens,
                               f"a host capacity only: the disk tier is not available ({e})") from e

@@ -14,6 +14,15 @@ Lifecycle of a block in a tier, as the cache drives it:
     discard(keys, slots)   forget stored blocks (index entries, remote copies)
     free(slots)            return slots to the free list
 
+Attributes every tier has (defaults here; subclasses set or override them):
+
+    slot_bytes             bytes a slot takes (``block_bytes`` rounded up to the
+                           tier's alignment); the cache sizes its staging pool by it
+    stores_bytes           False for metadata-only tiers (no bytes are kept or moved)
+    write_through          receives a copy of every store, not only demotions
+    admission              an :class:`AdmissionFilter` the cache feeds with every use
+                           of a block and asks before demoting a block here, or None
+
 Optional hooks, concrete no-ops here: ``recover`` (persistent tiers report the
 blocks a previous process left), ``contains`` (tiers whose membership changes
 behind our back, e.g. remote servers shared by several nodes), ``view``
@@ -27,7 +36,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from typing import ClassVar, Sequence
+from typing import ClassVar, Protocol, Sequence
 
 import numpy as np
 
@@ -73,12 +82,24 @@ class SlotAllocator:
         return bool(self._used[slot])
 
 
+class AdmissionFilter(Protocol):
+    """Keeps blocks off a tier unless they are used often enough (e.g. ``policy.admission.TinyLFU``)."""
+
+    def record(self, keys: Sequence[bytes]) -> None:
+        """Blocks a request stored or loaded (the cache calls this for every use, under its lock)."""
+
+    def admit(self, key: bytes) -> bool:
+        """Whether a block evicted from the tier above may be written here."""
+
+
 class Tier(ABC):
     """A place that holds equal-size blocks in numbered slots."""
 
     medium: ClassVar[str]            # "gpu" | "host" | "disk" | "remote"
     addressable: ClassVar[bool] = False   # view()/addresses() give the slot's memory
     write_through: bool = False      # receives a copy of every store (not only demotions)
+    admission: AdmissionFilter | None = None   # consulted before a demotion writes here
+    slot_bytes: int                  # bytes per slot; block_bytes unless a subclass aligns it
 
     def __init__(self, name: str, block_bytes: int, num_slots: int | None):
         if not isinstance(block_bytes, int) or block_bytes <= 0:
@@ -89,7 +110,13 @@ class Tier(ABC):
         self.name = name
         self.block_bytes = block_bytes
         self.num_slots = num_slots
+        self.slot_bytes = block_bytes
         self._slots = SlotAllocator(num_slots) if num_slots is not None else None
+
+    @property
+    def stores_bytes(self) -> bool:
+        """False when the tier keeps no bytes (metadata-only studies): nothing is copied."""
+        return True
 
     # ---- slots ---------------------------------------------------------
     @property

@@ -3,7 +3,7 @@
 For custom serving stacks that keep more KV on the GPU than the engine's own
 paged cache: blocks move engine pages <-> pool slots as device-to-device
 copies (``addresses()`` gives device pointers, so the span copiers of
-:mod:`kvtier.gpu_copy` and :mod:`kvtier.transfer` serve it like any other
+:mod:`kvtier.gpu.copier` serves it like any other
 addressable tier), and the cache demotes evicted blocks to the host tier and
 promotes hits back through its staging pool (``read``/``write`` below).
 
@@ -19,15 +19,12 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ConfigError, KVTierError, TierIOError
+from ..layout import round_up
 from .base import Tier
 
 log = logging.getLogger(__name__)
 
 SLOT_ALIGN = 256          # every slot starts 16-byte (vector) and 256-byte (DMA) aligned
-
-
-def _round_up(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
 
 
 def _device(name: str, device):
@@ -58,7 +55,7 @@ class GpuTier(Tier):
         super().__init__(name, block_bytes, num_slots)
         import torch
         self.device = _device(name, device)
-        self.slot_bytes = _round_up(block_bytes, SLOT_ALIGN)
+        self.slot_bytes = round_up(block_bytes, SLOT_ALIGN)
         nbytes = self.slot_bytes * num_slots
         try:
             raw = torch.empty(nbytes + SLOT_ALIGN, dtype=torch.uint8, device=self.device)

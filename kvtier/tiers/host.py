@@ -17,8 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import _native
+from .. import native
 from ..errors import ConfigError, KVTierError
+from ..layout import round_up
 from .base import Tier
 
 log = logging.getLogger(__name__)
@@ -27,10 +28,6 @@ SLOT_ALIGN = 4096
 _MEMORY = ("auto", "pinned", "pageable", "none")
 MADV_POPULATE_WRITE = 23          # Linux 5.14+: map pages writable without touching their bytes
 POPULATE_STEP = 32 << 20          # bytes per madvise call of the background populate
-
-
-def _round_up(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
 
 
 def memory_limit() -> int | None:
@@ -73,7 +70,7 @@ class HostTier(Tier):
         super().__init__(name, block_bytes, num_slots)
         if not (isinstance(populate, bool) or populate == "background"):
             raise ConfigError(f"{name}.populate", populate, "true, false or \"background\"")
-        self.slot_bytes = _round_up(block_bytes, SLOT_ALIGN)
+        self.slot_bytes = round_up(block_bytes, SLOT_ALIGN)
         self._mmap = None
         self._tensor = None
         self._populating: threading.Thread | None = None
@@ -174,13 +171,13 @@ class HostTier(Tier):
     def write(self, keys, slots, srcs) -> list[bool]:
         if self._arena is not None:
             for slot, src in zip(slots, srcs):
-                _native.memcpy(self._slot(slot), src)
+                native.memcpy(self._slot(slot), src)
         return [True] * len(slots)
 
     def read(self, keys, slots, dsts) -> list[bool]:
         if self._arena is not None:
             for slot, dst in zip(slots, dsts):
-                _native.memcpy(dst, self._slot(slot))
+                native.memcpy(dst, self._slot(slot))
         return [True] * len(slots)
 
     @property

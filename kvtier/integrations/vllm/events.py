@@ -1,14 +1,12 @@
 """BlockStored / BlockRemoved events for vLLM's KV event stream.
 
 kvtier keys are salted vLLM block hashes, so an event can name the block the
-way vLLM's own prefix cache does.  :class:`EventedCache` is a TieredCache that
-records where blocks appear and disappear (stores, demotions, promotions,
-evictions, drops of corrupt blocks); :class:`EventLog` turns those records into
-``BlockStored``/``BlockRemoved`` for ``take_events``.
-
-TieredCache has no public listener hook yet, so the cache's eviction and
-transfer completions are observed by overriding them here; each override calls
-the original first and only reads the index afterwards.
+way vLLM's own prefix cache does.  :class:`TierRecords` is a cache listener
+(:mod:`kvtier.listeners`) that records where blocks appear and disappear
+(demotions, promotions, evictions, drops of corrupt or discarded blocks);
+:class:`EventLog` turns those records into ``BlockStored``/``BlockRemoved`` for
+``take_events``.  Stores into the host tier are not recorded here: the
+scheduler reports them itself, with their tokens (``EventLog.stored``).
 """
 from __future__ import annotations
 
@@ -18,49 +16,42 @@ from collections import OrderedDict
 from vllm.distributed.kv_events import MEDIUM_CPU, MEDIUM_STORAGE, BlockRemoved, BlockStored, KVCacheEvent
 from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
-from ...cache import TieredCache
-from ...handles import READY
+from ...listeners import CacheListener
 
 _MEDIUM = {"host": (MEDIUM_CPU, None), "disk": (MEDIUM_STORAGE, "LOCAL"), "remote": (MEDIUM_STORAGE, "REMOTE")}
 
 
-class EventedCache(TieredCache):
-    """A TieredCache that appends ``(stored: bool, tier medium, key)`` records to ``self.records``."""
+class TierRecords(CacheListener):
+    """Records ``(stored: bool, tier medium, key)`` for blocks that appear in or leave a tier.
 
-    records: list
+    The cache calls it under its lock, from the scheduler's thread and from
+    transfer threads; ``take`` hands the records over in the order they came.
+    """
 
-    def _note(self, stored: bool, t: int, keys) -> None:
-        medium = self.tiers[t].medium
+    def __init__(self):
+        self._records: list[tuple[bool, str, bytes]] = []
+        self._lock = threading.Lock()
+
+    def _note(self, stored: bool, tier, keys) -> None:
         with self._lock:
-            recs = getattr(self, "records", None)
-            if recs is None:
-                recs = self.records = []
-            recs.extend((stored, medium, k) for k in keys)
+            self._records.extend((stored, tier.medium, k) for k in keys)
 
-    def _evict(self, t, victims):
-        super()._evict(t, victims)
-        self._note(False, t, victims)
+    def demoted(self, tier, keys) -> None:
+        self._note(True, tier, keys)
 
-    def _drop(self, t, key):
-        had = key in self._index[t]
-        super()._drop(t, key)
-        if had:
-            self._note(False, t, [key])
+    def promoted(self, tier, keys) -> None:
+        self._note(True, tier, keys)
 
-    def _written_down(self, job, down, batch):
-        super()._written_down(job, down, batch)
-        index = self._index[down]
-        self._note(True, down, [k for k, _, _ in batch if k in index and index[k].state == READY])
+    def evicted(self, tier, keys) -> None:
+        self._note(False, tier, keys)
 
-    def _promoted(self, job, t, items):
-        super()._promoted(job, t, items)
-        self._note(True, 0, [k for k, _, e in items if e.state == READY])
+    def dropped(self, tier, keys) -> None:
+        self._note(False, tier, keys)
 
-    def take_records(self) -> list:
+    def take(self) -> list[tuple[bool, str, bytes]]:
         with self._lock:
-            recs = getattr(self, "records", None) or []
-            self.records = []
-        return recs
+            out, self._records = self._records, []
+        return out
 
 
 class EventLog:
@@ -93,7 +84,7 @@ class EventLog:
                 medium=MEDIUM_CPU, lora_name=None))
 
     def add_records(self, records) -> None:
-        """Tier movements recorded by an EventedCache."""
+        """Tier movements recorded by a :class:`TierRecords`."""
         with self._lock:
             for stored, medium, key in records:
                 h = self._hashes.get(key)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...keys import salt_hashes
-from .events import EventedCache, EventLog
+from .events import EventLog, TierRecords
 from .geometry import EngineGeometry
 from .metadata import ArenaInfo, KVTierConnectorMetadata, KVTierWorkerMetadata, LoadOp, StoreOp
 from .options import ConnectorOptions
@@ -63,10 +63,10 @@ class KVTierScheduler:
         self.block_tokens = geometry.block_tokens
         self.namespace = geometry.namespace
         engine_id = vllm_config.kv_transfer_config.engine_id
-        self.cache = build_shared_cache(opts.cache, geometry.namespace, geometry.block_bytes,
-                                        arena_path(engine_id), cache_cls=EventedCache)
-        host = self.cache.tiers[0]
-        self.arena = ArenaInfo(host.shared.path, host.shared.nbytes, host.slot_bytes)
+        self.records = TierRecords()              # where blocks move between tiers, for take_events
+        self.cache, self.shared = build_shared_cache(opts.cache, geometry.namespace, geometry.block_bytes,
+                                                     arena_path(engine_id), listeners=[self.records])
+        self.arena = ArenaInfo(self.shared.path, self.shared.nbytes, self.cache.tiers[0].slot_bytes)
         self._attached = False
         capacity = sum(t.num_slots or 0 for t in self.cache.tiers)
         self.events = EventLog(self.block_tokens, max_keys=capacity)
@@ -215,7 +215,7 @@ class KVTierScheduler:
             return
         if wm.attached and not self._attached:
             self._attached = True
-            self.cache.tiers[0].shared.unlink()     # both sides mapped: memory lives as long as they do
+            self.shared.unlink()                    # both sides mapped: memory lives as long as they do
         for op_id, ok in wm.store_results.items():
             entry = self._issued_stores.pop(op_id, None)
             if entry is None:
@@ -244,7 +244,7 @@ class KVTierScheduler:
         self._waiting = keep
 
     def take_events(self):
-        self.events.add_records(self.cache.take_records())
+        self.events.add_records(self.records.take())
         return self.events.take()
 
     def get_stats(self) -> KVTierConnectorStats | None:
@@ -255,3 +255,5 @@ class KVTierScheduler:
             self.cache.close()
         except Exception as e:       # shutting down: report, never raise into vLLM's teardown
             log.warning("kvtier: closing the cache failed: %s", e)
+        self.shared.unlink()
+        self.shared.close()

@@ -9,20 +9,28 @@ tier's arena is a file in ``/dev/shm`` that each process maps:
     scheduler: SharedArena.create(path, nbytes)   fallocate: fails now, not with SIGBUS later
     worker:    SharedArena.attach(path, nbytes)   once it sees the path in metadata
     scheduler: unlink() once the worker has attached (memory goes with the last mapping)
+
+The scheduler's host tier is an ordinary HostTier over the arena's array
+(``build_tiers(..., host_buffer=arena.array)``); the scheduler owns the arena
+and closes it after the cache.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import mmap
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ...config import KVTierConfig
 from ...errors import ConfigError, KVTierError
 from ...keys import Namespace
-from ...tiers.host import SLOT_ALIGN, HostTier, _round_up
+from ...layout import round_up
+from ...tiers.host import SLOT_ALIGN
+
+if TYPE_CHECKING:
+    from ...cache import TieredCache
 
 log = logging.getLogger(__name__)
 
@@ -92,23 +100,9 @@ class SharedArena:
             pass
 
 
-class SharedHostTier(HostTier):
-    """A HostTier whose arena is a :class:`SharedArena`, mapped by scheduler and worker."""
-
-    def __init__(self, name: str, block_bytes: int, num_slots: int, arena: SharedArena):
-        super().__init__(name, block_bytes, num_slots, buffer=arena.array)   # checks the arena's size
-        self.memory = "shared"
-        self.shared = arena
-
-    def close(self) -> None:
-        super().close()
-        self.shared.unlink()
-        self.shared.close()
-
-
 def host_geometry(cfg: KVTierConfig, block_bytes: int) -> tuple[int, int]:
     """(slot_bytes, num_slots) of the host tier, as both processes compute it."""
-    slot = _round_up(block_bytes, SLOT_ALIGN)
+    slot = round_up(block_bytes, SLOT_ALIGN)
     n = cfg.host.capacity_bytes // slot
     if n <= 0:
         raise ConfigError("kv_connector_extra_config.host.capacity_bytes", cfg.host.capacity_bytes,
@@ -116,28 +110,25 @@ def host_geometry(cfg: KVTierConfig, block_bytes: int) -> tuple[int, int]:
     return slot, n
 
 
-def build_shared_cache(cfg: KVTierConfig, namespace: Namespace, block_bytes: int, path: str, cache_cls=None):
-    """A TieredCache (or ``cache_cls``) like ``TieredCache.from_config`` builds, with the host tier in /dev/shm."""
+def build_shared_cache(cfg: KVTierConfig, namespace: Namespace, block_bytes: int, path: str,
+                       listeners=()) -> tuple[TieredCache, SharedArena]:
+    """A TieredCache like ``TieredCache.from_config`` builds, with the host tier's arena in /dev/shm.
+
+    Returns the cache and its arena.  The caller owns the arena: ``unlink()`` it
+    once the worker has attached, ``close()`` it after closing the cache.
+    """
     from ...cache import TieredCache
     from ...tiers.factory import build_tiers
-
-    cache_cls = cache_cls or TieredCache
 
     slot, num_slots = host_geometry(cfg, block_bytes)
     arena = SharedArena.create(path, slot * num_slots, key="kv_connector_extra_config.host.capacity_bytes")
     try:
-        # The factory builds the lower tiers; its host tier gets one slot, as
-        # it is replaced by the shared one at once.
-        small = dataclasses.replace(cfg, host=dataclasses.replace(cfg.host, capacity_bytes=slot))
-        tiers, policies = build_tiers(small, namespace, block_bytes)
+        tiers, policies = build_tiers(cfg, namespace, block_bytes, host_buffer=arena.array)
+        cache = TieredCache(tiers, policies, lease_timeout_s=cfg.lease_timeout_s,
+                            staging_bytes=cfg.staging_bytes, transfer_threads=cfg.transfer_threads,
+                            namespace=namespace, listeners=listeners)
     except BaseException:
         arena.unlink()
         arena.close()
         raise
-    for i, t in enumerate(tiers):
-        if t.medium == "host":
-            t.close()                               # its private arena was never touched
-            tiers[i] = SharedHostTier(t.name, block_bytes, num_slots, arena)
-    return cache_cls(tiers, policies, lease_timeout_s=cfg.lease_timeout_s,
-                       staging_bytes=cfg.staging_bytes, transfer_threads=cfg.transfer_threads,
-                       namespace=namespace)
+    return cache, arena

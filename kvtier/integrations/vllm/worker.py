@@ -13,7 +13,7 @@ order vLLM calls it each step:
                        per-op results for the scheduler side
 
 Pages are opaque bytes: :class:`~kvtier.layout.BlockLayout` turns (engine
-block, slot) pairs into byte spans and :func:`~kvtier.transfer.copy_spans`
+block, slot) pairs into byte spans and :func:`~kvtier.gpu.span_copy.copy_spans`
 copies them (native, GIL released; CUDA kernels for device tensors).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 
 from ...errors import ConfigError
 from ...layout import BlockLayout
-from ...transfer import copy_spans
+from ...gpu.span_copy import copy_spans
 from .geometry import EngineGeometry
 from .metadata import ArenaInfo, KVTierConnectorMetadata, KVTierWorkerMetadata
 from .shm import SharedArena

@@ -1,0 +1,3 @@
+"""The remote tier and its server: wire protocol (protocol), clients (client for kvtier servers
+over ZeroMQ, redis for Redis/Valkey), shared sharding (sharding), and the server (server, with
+one TieredCache per namespace in store)."""

@@ -1,0 +1,22 @@
+"""Small helpers shared by kvtier's tests: deterministic block bytes, tiny integer keys, the repo root."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]          # the repository root
+
+
+def block(key: bytes, nbytes: int) -> bytes:
+    """Deterministic bytes for a key, so any loaded block can be verified."""
+    out = bytearray()
+    counter = 0
+    while len(out) < nbytes:
+        out += hashlib.blake2b(key + counter.to_bytes(4, "little"), digest_size=64).digest()
+        counter += 1
+    return bytes(out[:nbytes])
+
+
+def k(i: int) -> bytes:
+    """A tiny integer key as a 16-byte BlockKey."""
+    return i.to_bytes(16, "little")

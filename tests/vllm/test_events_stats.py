@@ -1,0 +1,104 @@
+"""Connector events, stats and worker metadata, without an engine."""
+from __future__ import annotations
+
+import pytest
+
+from kvtier import TieredCache
+from kvtier.tiers.host import HostTier
+
+pytestmark = pytest.mark.vllm
+
+BB = 4096
+
+
+def _key(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+def _store(cache, keys):
+    h = cache.prepare_store(keys, owner="t")
+    assert h is not None
+    for v in h.views:
+        v[:] = b"\x01" * BB
+    assert cache.complete_store(h, True)
+
+
+def test_eviction_becomes_block_removed_with_vllm_hashes():
+    from vllm.distributed.kv_events import BlockRemoved, BlockStored
+    from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
+    from kvtier.integrations.vllm.events import EventLog, TierRecords
+
+    records = TierRecords()
+    cache = TieredCache([HostTier("host", BB, 2, memory="pageable")], "lru", listeners=[records])
+    log = EventLog(block_tokens=32, max_keys=16)
+    keys, hashes = [_key(i) for i in range(3)], [bytes([i]) * 32 for i in range(3)]
+    ext = [maybe_convert_block_hash(h) for h in hashes]      # what vLLM publishes
+    log.remember(keys, hashes)
+    _store(cache, keys[:2])
+    log.stored(hashes[:2], None, list(range(64)))
+    _store(cache, keys[2:])                     # no room: the least recently used block goes
+    log.add_records(records.take())
+    events = log.take()
+    assert isinstance(events[0], BlockStored) and events[0].block_hashes == ext[:2]
+    removed = [e for e in events if isinstance(e, BlockRemoved)]
+    assert [e.block_hashes for e in removed] == [[ext[0]]]
+    assert removed[0].medium == "CPU"
+    assert log.take() == []                     # taken once
+    cache.close()
+
+
+def test_unknown_keys_make_no_events():
+    from kvtier.integrations.vllm.events import EventLog, TierRecords
+
+    records = TierRecords()
+    cache = TieredCache([HostTier("host", BB, 1, memory="pageable")], "lru")
+    cache.add_listener(records)
+    log = EventLog(block_tokens=32, max_keys=4)
+    _store(cache, [_key(1)])
+    _store(cache, [_key(2)])
+    log.add_records(records.take())
+    assert log.take() == []
+    cache.close()
+
+
+def test_stats_aggregate_reduce_and_take():
+    from kvtier.integrations.vllm.stats import KVTierConnectorStats
+
+    a, b = KVTierConnectorStats(), KVTierConnectorStats()
+    assert a.is_empty() and a.take() is None
+    a.add("lookup_blocks", 10)
+    a.add("hit_blocks", 4)
+    b.add("load_bytes", 2e9)
+    b.add("load_seconds", 1.0)
+    c = a.aggregate(b)
+    r = c.reduce()
+    assert r["hit_rate"] == 0.4 and r["load_gbps"] == 2.0
+    taken = c.take()
+    assert taken.data["lookup_blocks"] == 10 and c.is_empty()
+
+
+def test_worker_metadata_aggregate_requires_every_worker():
+    from kvtier.integrations.vllm.metadata import KVTierWorkerMetadata
+
+    a = KVTierWorkerMetadata({1: True, 2: True}, {5: True}, attached=True)
+    b = KVTierWorkerMetadata({1: False}, {5: True, 6: False}, attached=True)
+    m = a.aggregate(b)
+    assert m.load_results == {1: False, 2: True}
+    assert m.store_results == {5: True, 6: False}
+    assert m.attached
+
+
+def test_prometheus_counters_follow_observed_stats():
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+    from kvtier.integrations.vllm.stats import KVTierPromMetrics
+
+    prom = KVTierPromMetrics(SimpleNamespace(kv_transfer_config=None),
+                             {Gauge: Gauge, Counter: Counter, Histogram: Histogram},
+                             ["model_name", "engine"], {0: ["m", "0"]})
+    prom.observe({"hit_blocks": 3, "load_bytes": 4096}, engine_idx=0)
+    prom.observe({"hit_blocks": 2}, engine_idx=0)
+    labels = {"model_name": "m", "engine": "0"}
+    assert REGISTRY.get_sample_value("vllm:kvtier_hit_blocks_total", labels) == 5
+    assert REGISTRY.get_sample_value("vllm:kvtier_load_bytes_total", labels) == 4096
