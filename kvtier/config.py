@@ -54,7 +54,7 @@ def _positive(key: str, value: object, *, zero_ok: bool = False) -> None:
 class HostConfig:
     """The pinned host-memory tier."""
     capacity_bytes: int = 1 << 30
-    policy: str = "prefix"        # beats LRU on real prefix traffic (see README, Trace replay)
+    policy: str = "adaptive"      # prefix-aware, falls back to LRU where LRU does better (README, Trace replay)
     pinned: str = "auto"          # auto: pinned when CUDA is available; on: required; off: never
     populate: bool | str = True   # map every page at start-up (pageable memory), so no store faults;
                                   # "background": from a thread, while the tier is in use

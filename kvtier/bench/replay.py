@@ -2,15 +2,16 @@
 
 Cases (one JSON line each):
 
-* ``sweep``: hit ratio vs. capacity for lru, s3fifo, prefix and Belady (policy
-  alone, prefix semantics), plus the infinite bound.
+* ``sweep``: hit ratio vs. capacity for every registered policy and Belady
+  (policy alone, prefix semantics), plus the infinite bound.
 * ``stack``: the real TieredCache in metadata mode — host 3M tokens with each
   policy, and host 3M + disk 20M — with the wall time of the whole replay.
 * ``disk-sweep``: host 3M + disk of growing size.
 * ``bytes``: the first requests replayed with real bytes through host + disk
   (block size scaled down), every hit verified; its copy rate is reported
   against the native memcpy peak measured in the same run.
-* ``synthetic``: lru vs. prefix on each synthetic trace at 10% of its blocks.
+* ``synthetic``: every policy on each synthetic trace at 2% and 10% of its
+  distinct blocks, with the default's ratio to LRU.
 
 Hit-ratio rows carry ``bytes`` = logical KV bytes served from cache and no
 peak (a hit ratio is not a throughput); ``--plot-dir`` writes the PNGs.
@@ -25,8 +26,8 @@ import time
 from .common import row
 
 SUITE = "replay"
-DEFAULT_TRACE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir,
-                             "shared", "data", "mooncake", "conversation_trace.jsonl")
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # kvtier/bench/ -> repo
+DEFAULT_TRACE = os.path.join(_REPO, os.pardir, "shared", "data", "mooncake", "conversation_trace.jsonl")
 KV_BYTES_PER_TOKEN = 128 << 10
 
 
@@ -50,6 +51,8 @@ def _ratio_row(case: str, trace, hits: int, seconds: float, **extra) -> dict:
 
 
 def run(args) -> list[dict]:
+    from ..config import HostConfig
+    from ..policy import policy_names
     from ..replay.belady import infinite_hits
     from ..replay.plots import capacity_sweep, disk_sweep, plot_capacity, plot_disk
     from ..replay.report import measure_host_gbps
@@ -65,18 +68,19 @@ def run(args) -> list[dict]:
         inf = infinite_hits(trace) / n
         caps = [1_000_000, host, 10_000_000] if args.quick else \
             [500_000, 1_000_000, 2_000_000, host, 5_000_000, 10_000_000, 20_000_000, 40_000_000]
-        policies = ["lru", "prefix"] if args.quick else ["lru", "s3fifo", "prefix"]
+        policies = ["lru", "prefix", "adaptive"] if args.quick else policy_names()
         sweep = capacity_sweep(trace, policies, sorted(set(caps)))
         for r in sweep:
             rows.append(_ratio_row(f"sweep {r['policy']} {r['capacity_tokens'] / 1e6:g}M", trace,
                                    round(r["hit_ratio"] * n), r["seconds"], infinite=round(inf, 4),
                                    policy=r["policy"], capacity_tokens=r["capacity_tokens"]))
-        for pol in ("lru", "s3fifo", "prefix"):
+        for pol in policy_names():
             res = replay(trace, ReplayConfig((host,), policy=pol, kv_bytes_per_token=KV_BYTES_PER_TOKEN))
             rows.append(_ratio_row(f"stack host {host / 1e6:g}M {pol}", trace, res.hits, res.seconds,
                                    infinite=round(inf, 4), policy=pol, requests=res.num_requests))
-        res = replay(trace, ReplayConfig((host, disk), policy="prefix", kv_bytes_per_token=KV_BYTES_PER_TOKEN))
-        rows.append(_ratio_row(f"stack host {host / 1e6:g}M + disk {disk / 1e6:g}M prefix", trace, res.hits,
+        res = replay(trace, ReplayConfig((host, disk), kv_bytes_per_token=KV_BYTES_PER_TOKEN))
+        case = f"stack host {host / 1e6:g}M + disk {disk / 1e6:g}M {res.config.policy}"
+        rows.append(_ratio_row(case, trace, res.hits,
                                res.seconds, infinite=round(inf, 4), fraction_of_infinite=round(res.hit_ratio / inf, 4),
                                host_hit_ratio=round(res.tier_hit_ratio("host"), 4),
                                disk_hit_ratio=round(res.tier_hit_ratio("disk"), 4),
@@ -93,15 +97,22 @@ def run(args) -> list[dict]:
             plot_disk(dsweep, os.path.join(args.plot_dir, "host_disk_vs_disk_capacity.png"))
         rows += _bytes_case(trace.head(min(len(trace), 300 if args.quick else args.bytes_requests)),
                             host, disk, replay, ReplayConfig, measure_host_gbps)
+    default = HostConfig.policy
     for name, gen in GENERATORS.items():
         tr = gen(num_requests=1500 if args.quick else 4000)
-        cap = max(8, len({h for r in tr.requests for h in r.blocks}) // 10)
+        distinct = len({h for r in tr.requests for h in r.blocks})
         inf = infinite_hits(tr) / tr.num_blocks
-        for pol in ("lru", "prefix"):
-            t0 = time.perf_counter()
-            hits = simulate(tr, pol, cap)
-            rows.append(_ratio_row(f"synthetic {name} {pol}", tr, hits, time.perf_counter() - t0,
-                                   infinite=round(inf, 4), policy=pol, capacity_blocks=cap))
+        for fraction in (0.02, 0.1):
+            cap = max(8, int(distinct * fraction))
+            hits, case = {}, {}
+            for pol in policy_names():
+                t0 = time.perf_counter()
+                hits[pol] = simulate(tr, pol, cap)
+                case[pol] = _ratio_row(f"synthetic {name} {fraction:.0%} {pol}", tr, hits[pol],
+                                       time.perf_counter() - t0, infinite=round(inf, 4), policy=pol,
+                                       capacity_blocks=cap)
+            case[default]["default_over_lru"] = round(hits[default] / hits["lru"], 4) if hits["lru"] else None
+            rows += case.values()
     return rows
 
 
@@ -110,7 +121,7 @@ def _bytes_case(trace, host: int, disk: int, replay, ReplayConfig, measure_host_
     peak = measure_host_gbps()
     block = 16 << 10
     with tempfile.TemporaryDirectory(prefix="kvtier-bench-replay-") as d:
-        res = replay(trace, ReplayConfig((host, disk), policy="prefix", mode="bytes", disk_path=d,
+        res = replay(trace, ReplayConfig((host, disk), mode="bytes", disk_path=d,
                                          stored_block_bytes=block))
     moved = (res.num_blocks - res.hits + res.verified_blocks) * block     # stored + loaded
     return [row(SUITE, f"bytes host+disk {len(trace)} requests", moved, res.seconds, peak,

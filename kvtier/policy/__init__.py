@@ -91,5 +91,6 @@ def make_policy(name: str, capacity: int) -> EvictionPolicy:
 
 
 def _load_builtin() -> None:
-    if _REGISTRY.get("lru") is None:
-        from . import lru, prefix, s3fifo  # noqa: F401  (each registers itself on import)
+    # each registers itself on its first import (a module imported already costs a dict lookup;
+    # checking for one name instead would miss the others when one was imported on its own)
+    from . import adaptive, lru, prefix, s3fifo  # noqa: F401

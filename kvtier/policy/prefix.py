@@ -30,6 +30,12 @@ Each resident block has a priority, in clock ticks; the lowest is evicted first:
   they belong to long prompts whose blocks are, per block, reused less.  It
   scales with ``w`` so the policy stays plain LRU where frequency says nothing.
 
+* ``first_low`` (off by default; the candidate of ``adaptive`` turns it on)
+  stores a block seen for the first time ``w`` gaps lower, as if its count
+  were 1/2: where frequency predicts reuse, one-hit blocks (most blocks) then
+  leave before older blocks that came back, which are the ones about to come
+  back again.  Where frequency says nothing (``w`` = 0) it changes nothing.
+
 A one-shot scan cannot flush a hot prefix unless it outlasts the hot blocks'
 bonus (``w * log2(freq)`` gaps); a workload whose hot set changes abruptly
 (tenants taking turns) pays for that bonus once per switch.
@@ -55,7 +61,7 @@ class PrefixAware(EvictionPolicy):
     name = "prefix"
 
     def __init__(self, capacity: int, freq_weight: float = 3.0, depth_weight: float = 0.3,
-                 gain: float = 4.5, max_freq: int = 64, ghost_factor: int = 4):
+                 gain: float = 4.5, max_freq: int = 64, ghost_factor: int = 4, first_low: bool = False):
         super().__init__(capacity)
         for key, value in (("freq_weight", freq_weight), ("depth_weight", depth_weight), ("gain", gain)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
@@ -63,6 +69,9 @@ class PrefixAware(EvictionPolicy):
         for key, value in (("max_freq", max_freq), ("ghost_factor", ghost_factor)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"prefix.{key}", value, "a positive int")
+        if not isinstance(first_low, bool):
+            raise ConfigError("prefix.first_low", first_low, "true or false")
+        self.first_low = first_low
         self.max_freq_weight = float(freq_weight)
         self.max_depth_weight = float(depth_weight)
         self.gain = float(gain)
@@ -90,7 +99,10 @@ class PrefixAware(EvictionPolicy):
 
     def _priority(self, pos: int, freq: int) -> float:
         bonus = self.freq_weight * math.log2(freq) - self.depth_weight * math.log2(pos + 1)
-        return (self._clock - pos) + self.reuse_gap * bonus
+        pr = (self._clock - pos) + self.reuse_gap * bonus
+        if freq == 1 and self.first_low:
+            pr -= self.reuse_gap * self.freq_weight
+        return pr
 
     @property
     def reuse_probabilities(self) -> tuple[float, float]:
@@ -163,6 +175,13 @@ class PrefixAware(EvictionPolicy):
 
     def remove(self, key: bytes) -> None:
         self._resident.pop(key, None)       # its heap entries go stale
+
+    def discard(self, key: bytes) -> None:
+        """``key`` left the tier by someone else's choice: forget it, but keep its history
+        (count and last use) in the ghost table, as an eviction would."""
+        rec = self._resident.pop(key, None)
+        if rec is not None:
+            self._remember(key, rec[2:])
 
     def evict(self, n: int, protected: Protected) -> list[bytes] | None:
         if n <= 0:

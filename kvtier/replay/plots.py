@@ -40,7 +40,7 @@ def capacity_sweep(trace: Trace, policies: Sequence[str], capacities_tokens: Seq
     return rows
 
 
-def disk_sweep(trace: Trace, host_tokens: int, disk_tokens: Sequence[int], policy: str = "prefix",
+def disk_sweep(trace: Trace, host_tokens: int, disk_tokens: Sequence[int], policy: str = "adaptive",
                lower_policy: str = "lru", on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """One row per disk capacity (0: host only): hit ratio of the host + disk stack."""
     n = max(trace.num_blocks, 1)
@@ -71,7 +71,7 @@ def plot_capacity(rows: list[dict], path: str, title: str | None = None) -> str:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     styles = {"belady": dict(color="black", linestyle=":", marker="x"),
               "lru": dict(color="tab:blue", marker="o"), "s3fifo": dict(color="tab:orange", marker="s"),
-              "prefix": dict(color="tab:red", marker="^")}
+              "prefix": dict(color="tab:red", marker="^"), "adaptive": dict(color="tab:green", marker="D")}
     for p in dict.fromkeys(r["policy"] for r in rows):
         pts = sorted((r["capacity_tokens"], r["hit_ratio"]) for r in rows if r["policy"] == p)
         ax.plot([x / 1e6 for x, _ in pts], [y for _, y in pts], label=p, **styles.get(p, {"marker": "."}))

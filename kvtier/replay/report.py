@@ -11,12 +11,20 @@ bandwidth`` of loading from its tier; the net is reported per tier, so a tier
 too slow to be worth loading from shows up as a negative number and counts as
 zero in the total (an engine would recompute those blocks instead).  Bandwidths
 are given, or measured here: host by the native memcpy, disk by reading back a
-file written with fsync after dropping it from the page cache.
+file written with fsync after dropping it from the page cache.  A command
+measures each bandwidth once (the best of several copies: on a shared machine
+the median moves from run to run, the peak much less), prints it with where it
+came from, and uses that one figure for every policy it compares, so a
+different measurement can never reorder them; ``--host-gbps`` / ``--disk-gbps``
+fix it across commands.
+
+:func:`format_sweep` lays out a capacity sweep (every policy, Belady, the
+infinite bound, at a list of capacities) as one Markdown table with the ratio
+of the default policy to LRU in the last column.
 """
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
 import time
 
@@ -38,8 +46,8 @@ def bounds(trace: Trace, capacity_blocks: int, *, belady: bool = True, lru: bool
     return out
 
 
-def measure_host_gbps(nbytes: int = 256 << 20, repeat: int = 5) -> float:
-    """Host memory bandwidth: median native memcpy of ``nbytes``."""
+def measure_host_gbps(nbytes: int = 256 << 20, repeat: int = 7) -> float:
+    """Host memory bandwidth: the fastest of ``repeat`` native memcpys of ``nbytes`` (the peak)."""
     from .. import native
     src = np.ones(nbytes, dtype=np.uint8)
     dst = np.empty_like(src)
@@ -49,7 +57,7 @@ def measure_host_gbps(nbytes: int = 256 << 20, repeat: int = 5) -> float:
         t0 = time.perf_counter()
         native.memcpy(dst, src)
         times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times) / 1e9
+    return nbytes / min(times) / 1e9
 
 
 def measure_disk_gbps(directory: str | None = None, nbytes: int = 256 << 20, chunk: int = 4 << 20) -> float:
@@ -78,6 +86,13 @@ def measure_disk_gbps(directory: str | None = None, nbytes: int = 256 << 20, chu
     finally:
         os.unlink(path)
     return got / dt / 1e9
+
+
+def block_saving_s(block_tokens: int, block_bytes: int, prefill_ms_per_token: float, gbps: float | None) -> float:
+    """Net seconds one hit block saves: its prefill compute less its load (0 if loading is slower)."""
+    compute = block_tokens * prefill_ms_per_token / 1000.0
+    load = block_bytes / (gbps * 1e9) if gbps else 0.0
+    return max(compute - load, 0.0)
 
 
 def prefill_saved(res: ReplayResult, prefill_ms_per_token: float, gbps: dict[str, float | None]) -> dict:
@@ -154,6 +169,9 @@ def format_text(s: dict) -> str:
         lines.append(f"bytes verified: {s['verified_blocks']} hit blocks, {s['bad_blocks']} wrong")
     p = s.get("prefill")
     if p:
+        for name, src in p.get("gbps_source", {}).items():
+            bw = p[name]["gbps"]
+            lines.append(f"{name} load bandwidth: " + (f"{bw:.2f} GB/s ({src})" if bw else "unknown"))
         for name in s["tiers"]:
             t = p[name]
             bw = f"{t['gbps']:.2f} GB/s" if t["gbps"] else "unknown bandwidth"
@@ -174,3 +192,33 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
     return "\n".join(out)
+
+
+def format_sweep(rows: list[dict], default: str, baseline: str = "lru", distinct_blocks: int | None = None) -> str:
+    """A capacity sweep as one Markdown table: a row per capacity, a column per policy.
+
+    ``rows`` come from :func:`kvtier.replay.plots.capacity_sweep`; the last
+    column is ``default`` / ``baseline`` (hit ratios), the check a default
+    policy must pass on every trace: never below 1 by more than noise.
+    """
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    caps = sorted({r["capacity_tokens"] for r in rows})
+    hit = {(r["policy"], r["capacity_tokens"]): r["hit_ratio"] for r in rows}
+    blocks = {r["capacity_tokens"]: r["capacity_blocks"] for r in rows}
+    inf = rows[0]["infinite"] if rows else 0.0
+    header = ["capacity (tokens)", "blocks"] + (["% of distinct"] if distinct_blocks else [])
+    header += [f"{p} (default)" if p == default else p for p in policies] + ["infinite"]
+    ratio = default in policies and baseline in policies and default != baseline
+    if ratio:
+        header.append(f"{default} / {baseline}")
+    out = []
+    for c in caps:
+        row: list = [f"{c:,}", blocks[c]]
+        if distinct_blocks:
+            row.append(f"{100 * blocks[c] / distinct_blocks:.1f}%")
+        row += [hit.get((p, c)) for p in policies] + [inf]
+        if ratio:
+            b = hit.get((baseline, c)) or 0.0
+            row.append(f"{hit[(default, c)] / b:.3f}" if b else "-")
+        out.append(row)
+    return markdown_table(header, out)

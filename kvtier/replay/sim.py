@@ -26,6 +26,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..config import DiskConfig, HostConfig
 from ..errors import ConfigError, KVTierError
 from ..policy import check_policy_name, make_policy
 from .belady import prefix_hits
@@ -52,8 +53,8 @@ def block_bytes_of(key: bytes, nbytes: int) -> np.ndarray:
 class ReplayConfig:
     """What to replay through: tier capacities (tokens, fastest first) and how."""
     capacities_tokens: tuple[int, ...]
-    policy: str = "prefix"
-    lower_policy: str = "lru"
+    policy: str = HostConfig.policy           # the tiers' defaults
+    lower_policy: str = DiskConfig.policy
     mode: str = "meta"
     kv_bytes_per_token: int = 128 << 10     # logical KV size, for byte counts and load times
     block_tokens: int = 512
@@ -130,7 +131,6 @@ def _build_cache(cfg: ReplayConfig):
     bb = cfg.stored_block_bytes
     tiers = [HostTier("host", bb, slots[0], memory="pageable")]
     if len(names) > 1:
-        from ..config import DiskConfig
         from ..keys import Namespace
         try:
             from ..tiers.disk.tier import DiskTier

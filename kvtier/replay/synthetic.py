@@ -9,6 +9,13 @@ ints; equal ids are equal prefixes, as in Mooncake traces):
     scan              a hot set of prompts reused throughout, crossed by long one-shot scans
     multi_turn_chat   conversations that grow turn by turn, interleaved, most of them ending
     tenants           two tenants with separate working sets, taking turns in long phases
+
+and three written against adaptive policies, each where some fixed policy loses to LRU:
+
+    drift             the hot prompts change every phase and never come back (frequency goes stale)
+    late_reuse        short-gap multi-turn chat mixed with a cycle of documents: every document
+                      comes back often, but only after the whole cycle (frequency misleads)
+    loop              a cycle of prompts larger than most caches (LRU's worst case)
 """
 from __future__ import annotations
 
@@ -129,12 +136,69 @@ def tenants(num_requests: int = 4000, phase: int = 500, prompts_per_tenant: int 
     return trace_from_blocks("synthetic-tenants", chains)
 
 
+def drift(num_requests: int = 4000, prompts: int = 20, prompt_blocks: int = 8, phase: int = 150,
+          user_blocks: int = 2, seed: int = 0) -> Trace:
+    """Every ``phase`` requests a fresh set of ``prompts`` prompts (heavy-tailed popularity)
+    replaces the last one for good; each request adds ``user_blocks`` unique blocks."""
+    _check("num_requests", num_requests)
+    _check("prompts", prompts)
+    _check("phase", phase)
+    rng = np.random.default_rng(seed)
+    ids = _Ids()
+    chains, current = [], []
+    for i in range(num_requests):
+        if i % phase == 0:
+            current = [ids.take(prompt_blocks) for _ in range(prompts)]
+        chains.append(current[min(int(rng.pareto(1.0)), prompts - 1)] + ids.take(user_blocks))
+    return trace_from_blocks("synthetic-drift", chains)
+
+
+def late_reuse(num_requests: int = 4000, docs: int = 300, doc_blocks: int = 6, active: int = 16,
+               doc_share: float = 0.5, end_probability: float = 0.1, seed: int = 0) -> Trace:
+    """A share ``doc_share`` of the requests walks a cycle of ``docs`` documents (each comes back
+    every ``docs / doc_share`` requests, seen often but never soon); the rest continue one of
+    ``active`` conversations, one block a turn, which end with ``end_probability``."""
+    _check("num_requests", num_requests)
+    _check("docs", docs)
+    _check("active", active)
+    if not 0.0 <= doc_share <= 1.0:
+        raise ConfigError("doc_share", doc_share, "a fraction in [0, 1]")
+    if not 0.0 <= end_probability <= 1.0:
+        raise ConfigError("end_probability", end_probability, "a probability in [0, 1]")
+    rng = np.random.default_rng(seed)
+    ids = _Ids()
+    documents = [ids.take(doc_blocks) for _ in range(docs)]
+    convs = [ids.take(2) for _ in range(active)]
+    chains, d = [], 0
+    for _ in range(num_requests):
+        if rng.random() < doc_share:
+            chains.append(documents[d] + ids.take(1))
+            d = (d + 1) % docs
+        else:
+            c = int(rng.integers(active))
+            chains.append(list(convs[c]))
+            convs[c] = ids.take(2) if rng.random() < end_probability else convs[c] + ids.take(1)
+    return trace_from_blocks("synthetic-late-reuse", chains)
+
+
+def loop(num_requests: int = 4000, prompts: int = 400, prompt_blocks: int = 4, seed: int = 0) -> Trace:
+    """``prompts`` prompts requested in a fixed cycle: LRU hits nothing below the cycle's size."""
+    _check("num_requests", num_requests)
+    _check("prompts", prompts)
+    ids = _Ids()
+    cycle = [ids.take(prompt_blocks) for _ in range(prompts)]
+    return trace_from_blocks("synthetic-loop", [cycle[i % prompts] for i in range(num_requests)])
+
+
 GENERATORS: dict[str, Callable[..., Trace]] = {
     "system-prompts": system_prompts,
     "rag": rag_documents,
     "scan": scan,
     "chat": multi_turn_chat,
     "tenants": tenants,
+    "drift": drift,
+    "late-reuse": late_reuse,
+    "loop": loop,
 }
 
 
@@ -145,4 +209,5 @@ def make_trace(name: str, **kwargs) -> Trace:
     return GENERATORS[name](**kwargs)
 
 
-__all__ = ["GENERATORS", "make_trace", "system_prompts", "rag_documents", "scan", "multi_turn_chat", "tenants"]
+__all__ = ["GENERATORS", "make_trace", "system_prompts", "rag_documents", "scan", "multi_turn_chat", "tenants",
+           "drift", "late_reuse", "loop"]

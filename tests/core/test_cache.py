@@ -42,7 +42,7 @@ def verify_load(cache, ids, owner="r") -> int:
     return n
 
 
-@pytest.mark.parametrize("policy", ["lru", "s3fifo", "prefix"])
+@pytest.mark.parametrize("policy", ["lru", "s3fifo", "prefix", "adaptive"])
 def test_store_visible_only_after_complete(policy):
     c = make(policy=policy)
     h = c.prepare_store([k(1), k(2)], "o")

@@ -13,7 +13,7 @@ from kvtier.tiers.base import SlotAllocator
 
 from tests.helpers import block, k
 
-POLICIES = ["lru", "s3fifo", "prefix"]
+POLICIES = ["lru", "s3fifo", "prefix", "adaptive"]
 
 
 @given(st.lists(st.tuples(st.booleans(), st.integers(0, 6)), max_size=200))

@@ -16,7 +16,7 @@ THREADS = 4
 OPS = 25_000                       # per thread: 100k in all
 
 
-@pytest.mark.parametrize("policy", ["lru", "s3fifo", "prefix"])
+@pytest.mark.parametrize("policy", ["lru", "s3fifo", "prefix", "adaptive"])
 def test_threads_mixed_operations_bytes_always_right(policy):
     tiers = [HostTier("host", BB, 64, memory="pageable"), HostTier("host2", BB, 128, memory="pageable")]
     cache = TieredCache(tiers, policy, transfer_threads=2, staging_bytes=32 * 4096)

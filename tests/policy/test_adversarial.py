@@ -17,7 +17,7 @@ from kvtier.replay.sim import simulate
 from kvtier.replay.synthetic import GENERATORS
 from kvtier.replay.trace import trace_from_blocks
 
-POLICIES = ["lru", "s3fifo", "prefix"]
+POLICIES = ["lru", "s3fifo", "prefix", "adaptive"]
 
 
 def k(i: int) -> bytes:
@@ -57,13 +57,16 @@ def test_evict_is_atomic_and_honours_protection(name):
 @settings(max_examples=60, deadline=None)
 @given(ops=st.lists(st.tuples(st.sampled_from("iaerp"), st.integers(0, 30), st.integers(0, 12)),
                     max_size=300))
-def test_prefix_tracks_exactly_the_resident_keys(ops):
+@pytest.mark.parametrize("name", ["prefix", "adaptive"])
+def test_policy_tracks_exactly_the_resident_keys(name, ops):
     """Random operation sequences: the policy holds exactly what was inserted and not taken out."""
-    pol = PrefixAware(8)
+    pol = make_policy(name, 8)
     model: set[bytes] = set()
     for op, i, pos in ops:
         key = k(i)
         if op == "i" and key not in model:
+            if pos % 2:
+                pol.admit(key, pos)
             pol.insert(key, pos)
             model.add(key)
         elif op == "a" and key in model:

@@ -139,7 +139,7 @@ def test_replay_config_validation(kwargs):
 
 
 # ---- through the TieredCache -------------------------------------------------------------------
-@pytest.mark.parametrize("policy", ["lru", "prefix"])
+@pytest.mark.parametrize("policy", ["lru", "prefix", "adaptive"])
 def test_metadata_replay_matches_the_policy_simulation(policy):
     """The cache evicts a request's worth of blocks at once before inserting them, the simulation
     one at a time: identical for LRU, within a few blocks for a policy whose clock sees the order."""
@@ -150,7 +150,7 @@ def test_metadata_replay_matches_the_policy_simulation(policy):
     if policy == "lru":
         assert res.hits == sim
     else:
-        assert abs(res.hits - sim) <= 0.001 * sim
+        assert abs(res.hits - sim) <= 0.002 * sim
     assert res.hit_blocks["host"] == res.hits and res.failed_loads == 0
     assert res.num_blocks == tr.num_blocks
 
@@ -248,7 +248,7 @@ def test_mooncake_goals():
     n = tr.num_blocks
     inf = infinite_hits(tr) / n
     lru = replay(tr, ReplayConfig((3_000_000,), policy="lru")).hit_ratio
-    best = replay(tr, ReplayConfig((3_000_000,), policy="prefix")).hit_ratio
+    best = replay(tr, ReplayConfig((3_000_000,))).hit_ratio            # the default policy
     assert best > lru + 0.04
-    stack = replay(tr, ReplayConfig((3_000_000, 20_000_000), policy="prefix"))
+    stack = replay(tr, ReplayConfig((3_000_000, 20_000_000)))
     assert stack.hit_ratio >= 0.95 * inf
