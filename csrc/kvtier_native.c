@@ -364,24 +364,29 @@ static PyObject *blocks_common(PyObject *args, PyObject *kw, int write, const ch
 {
     static char *kwlist[] = {"fds", "offsets", "addrs", "block_len", "chunk_len", "piece_len",
                              "threads", NULL};
-    PyObject *ofds, *ooff, *oaddr, *othreads = Py_None, *result = NULL;
-    unsigned long long block_len, chunk_len, piece_len = 0;
+    PyObject *ofds, *ooff, *oaddr, *oblock, *ochunk, *opiece = NULL, *othreads = Py_None;
+    PyObject *result = NULL;
+    uint64_t block_len, chunk_len, piece_len = 0;
     Py_buffer fds = {0}, off, addr;
     int threads, one_fd = -1, have_fds;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, fmt, kwlist, &ofds, &ooff, &oaddr, &block_len,
-                                     &chunk_len, &piece_len, &othreads))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, fmt, kwlist, &ofds, &ooff, &oaddr, &oblock,
+                                     &ochunk, &opiece, &othreads))
         return NULL;
     if (kv_parse_threads(othreads, default_threads, &threads) < 0)
         return NULL;
+    if (kv_parse_length(oblock, "block_len", &block_len) < 0 ||
+        kv_parse_length(ochunk, "chunk_len", &chunk_len) < 0 ||
+        (opiece && kv_parse_length(opiece, "piece_len", &piece_len) < 0))
+        return NULL;
     if (block_len == 0 || chunk_len == 0) {
         PyErr_Format(PyExc_ValueError, "block_len and chunk_len must be positive, got %llu and %llu",
-                     block_len, chunk_len);
+                     (unsigned long long)block_len, (unsigned long long)chunk_len);
         return NULL;
     }
     if (piece_len && piece_len < block_len && piece_len % chunk_len && chunk_len % piece_len) {
         PyErr_Format(PyExc_ValueError,
                      "piece_len must divide chunk_len (%llu) or be a multiple of it, got %llu",
-                     chunk_len, piece_len);
+                     (unsigned long long)chunk_len, (unsigned long long)piece_len);
         return NULL;
     }
     if ((have_fds = parse_fds(ofds, &fds, &one_fd)) < 0)
@@ -446,12 +451,12 @@ done_fds:
 
 static PyObject *py_pread_blocks(PyObject *self, PyObject *args, PyObject *kw)
 {
-    return blocks_common(args, kw, 0, "OOOKK|KO:pread_blocks");
+    return blocks_common(args, kw, 0, "OOOOO|OO:pread_blocks");
 }
 
 static PyObject *py_pwrite_blocks(PyObject *self, PyObject *args, PyObject *kw)
 {
-    return blocks_common(args, kw, 1, "OOOKK|KO:pwrite_blocks");
+    return blocks_common(args, kw, 1, "OOOOO|OO:pwrite_blocks");
 }
 
 static PyObject *py_pool_workers(PyObject *self, PyObject *unused)

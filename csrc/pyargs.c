@@ -102,9 +102,11 @@ int kv_check_span(const char *name, Py_ssize_t i, uint64_t addr, uint64_t len)
         return -1;
     }
     if (addr > UINTPTR_MAX - len || len > (uint64_t)PY_SSIZE_T_MAX) {
-        PyErr_Format(PyExc_ValueError,
-                     "span %zd: %s 0x%llx + %llu bytes runs past the end of memory", i, name,
-                     (unsigned long long)addr, (unsigned long long)len);
+        /* PyErr_Format knows no %llx before Python 3.12: format here. */
+        char msg[160];
+        snprintf(msg, sizeof(msg), "span %zd: %s 0x%llx + %llu bytes runs past the end of memory",
+                 i, name, (unsigned long long)addr, (unsigned long long)len);
+        PyErr_SetString(PyExc_ValueError, msg);
         return -1;
     }
     return 0;
@@ -152,6 +154,32 @@ int kv_get_bytes(PyObject *obj, const char *name, int writable, Py_buffer *view)
         PyBuffer_Release(view);
         return -1;
     }
+    return 0;
+}
+
+/* A length: an int (not a bool) in [0, 2**64). */
+int kv_parse_length(PyObject *obj, const char *name, uint64_t *value)
+{
+    if (!PyLong_Check(obj) || PyBool_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a non-negative int, got %.100s", name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    int overflow = 0;
+    long long sv = PyLong_AsLongLongAndOverflow(obj, &overflow);
+    if (sv == -1 && !overflow && PyErr_Occurred())
+        return -1;
+    if (overflow < 0 || (!overflow && sv < 0)) {
+        PyErr_Format(PyExc_ValueError, "%s must be a non-negative int, got %R", name, obj);
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s must be below 2**64, got %R", name, obj);
+        return -1;
+    }
+    *value = (uint64_t)v;
     return 0;
 }
 

@@ -33,6 +33,10 @@ int kv_check_span(const char *name, Py_ssize_t i, uint64_t addr, uint64_t len);
 /* None -> default_threads; a positive int, capped at KV_POOL_MAX_THREADS. */
 int kv_parse_threads(PyObject *obj, int default_threads, int *threads);
 
+/* A length: an int (not a bool) in [0, 2**64); a negative one is a ValueError
+ * naming `name`. */
+int kv_parse_length(PyObject *obj, const char *name, uint64_t *value);
+
 /* A CRC value in [0, 2**32). */
 int kv_parse_crc_value(PyObject *obj, uint32_t *value);
 

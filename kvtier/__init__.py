@@ -6,7 +6,8 @@ This module exports public names only and imports no optional dependency.
 """
 from .cache import TieredCache
 from .config import DiskConfig, GpuConfig, HostConfig, KVTierConfig, RemoteConfig
-from .errors import ConfigError, CorruptBlockError, KVTierError, MissingDependencyError, TierIOError
+from .errors import (CacheClosedError, ConfigError, CorruptBlockError, KVTierError, MissingDependencyError,
+                     TierIOError)
 from .handles import LoadHandle, Lookup, StoreHandle
 from .keys import KEY_BYTES, Namespace, chain_keys, salt_hashes
 from .layout import BlockLayout
@@ -19,7 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "TieredCache", "PagedKVCache", "BlockLayout", "Namespace", "KEY_BYTES", "chain_keys", "salt_hashes",
     "KVTierConfig", "HostConfig", "DiskConfig", "RemoteConfig", "GpuConfig",
-    "KVTierError", "ConfigError", "TierIOError", "CorruptBlockError", "MissingDependencyError",
+    "KVTierError", "CacheClosedError", "ConfigError", "TierIOError", "CorruptBlockError", "MissingDependencyError",
     "Lookup", "StoreHandle", "LoadHandle", "CacheListener",
     "EvictionPolicy", "make_policy", "policy_names", "register_policy", "__version__",
 ]

@@ -14,20 +14,22 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Mapping
 
 from .errors import ConfigError
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
-          "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20,
-          "gib": 2**30, "tib": 2**40}
+_UNITS = {"": 1, "b": 1,                                   # K, KB, KiB .. E, EB, EiB
+          **{p + s: 10**(3 * i) for i, p in enumerate("kmgtpe", 1) for s in ("", "b")},
+          **{p + "ib": 2**(10 * i) for i, p in enumerate("kmgtpe", 1)}}
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_size(key: str, value: object) -> int:
     """Bytes from an int or a string like '4GiB'; ConfigError otherwise."""
     if isinstance(value, bool):
-        raise ConfigError(key, value, "a byte size such as 1073741824 or '1GiB'")
+        raise ConfigError(key, value, "a byte size such as 1073741824 or '1GiB' "
+                          "(units B, KB..EB, KiB..EiB)")
     if isinstance(value, int):
         return value
     if isinstance(value, float) and value.is_integer():
@@ -35,8 +37,9 @@ def parse_size(key: str, value: object) -> int:
     if isinstance(value, str):
         m = _SIZE.match(value)
         if m and m.group(2).lower() in _UNITS:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    raise ConfigError(key, value, "a byte size such as 1073741824 or '1GiB'")
+            return int(Fraction(m.group(1)) * _UNITS[m.group(2).lower()])   # exact, unlike float
+    raise ConfigError(key, value, "a byte size such as 1073741824 or '1GiB' "
+                      "(units B, KB..EB, KiB..EiB)")
 
 
 def _choice(key: str, value: object, allowed: tuple[str, ...]) -> None:

@@ -32,6 +32,10 @@ class CorruptBlockError(KVTierError):
     """A block's bytes or header failed verification."""
 
 
+class CacheClosedError(KVTierError):
+    """An object was used after its ``close()``: its tiers and their memory are gone."""
+
+
 class MissingDependencyError(KVTierError, ImportError):
     """An optional dependency that the configuration asks for is not installed."""
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from .cache import TieredCache
 from .config import KVTierConfig
-from .errors import ConfigError
+from .errors import CacheClosedError, ConfigError
 from .keys import Namespace, chain_keys, check_keys
 from .layout import BlockLayout
 from .gpu.span_copy import copy_spans
@@ -38,6 +38,11 @@ class PagedKVCache:
         self.cache = cache
         self.layout = layout
         self.namespace = namespace
+        self.closed = False
+
+    def _check_open(self, method: str) -> None:
+        if self.closed:
+            raise CacheClosedError(f"PagedKVCache.{method}() called after close(): the cache is closed")
 
     @classmethod
     def create(cls, config: KVTierConfig, namespace: Namespace, kv_caches: Sequence,
@@ -46,6 +51,7 @@ class PagedKVCache:
         return cls(TieredCache.from_config(config, namespace, layout.block_bytes), layout, namespace)
 
     def keys(self, token_ids) -> list[bytes]:
+        self._check_open("keys")
         return chain_keys(self.namespace, token_ids)
 
     def _keys(self, token_ids, keys) -> list[bytes]:
@@ -56,10 +62,12 @@ class PagedKVCache:
 
     def lookup(self, token_ids=None, *, keys: Sequence[bytes] | None = None) -> int:
         """Number of leading full blocks of the prompt that kvtier holds."""
+        self._check_open("lookup")
         return self.cache.lookup(self._keys(token_ids, keys)).num_blocks
 
     def store(self, token_ids, block_ids, *, keys: Sequence[bytes] | None = None) -> int:
         """Copy the prompt's full blocks out of engine pages; returns blocks newly stored."""
+        self._check_open("store")
         keys = self._keys(token_ids, keys)
         ids = self.layout.check_block_ids(block_ids)
         if ids.size < len(keys):
@@ -79,6 +87,7 @@ class PagedKVCache:
     def load(self, token_ids, block_ids, *, keys: Sequence[bytes] | None = None,
              timeout: float | None = None) -> int:
         """Copy stored leading blocks into engine pages; returns how many were loaded."""
+        self._check_open("load")
         keys = self._keys(token_ids, keys)
         ids = self.layout.check_block_ids(block_ids)
         keys = keys[:ids.size]
@@ -107,7 +116,13 @@ class PagedKVCache:
         copy_spans(self.layout.device.type, spans)
 
     def stats(self) -> dict:
+        self._check_open("stats")
         return self.cache.stats()
 
     def close(self) -> None:
+        """Close the cache; every other method then raises CacheClosedError.  A second
+        close() does nothing, like a file's."""
+        if self.closed:
+            return
+        self.closed = True
         self.cache.close()

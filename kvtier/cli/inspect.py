@@ -2,16 +2,20 @@
 
 Prints blocks, bytes, namespaces and free space; with ``--check`` reads every
 indexed block back and verifies it against the index (exit code 1 when index
-and slabs disagree).  The directory is opened read-only and without taking the
-tier's lock, so it can be inspected while a server uses it (figures may then
-move while they are read).
+and slabs disagree, or when the index itself is damaged: overwritten, truncated
+or bit-flipped pages are findings, never an error exit).  The directory is
+opened read-only and without taking the tier's lock, so it can be inspected
+while a server uses it (figures may then move while they are read).
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
-from ..errors import ConfigError
+from ..errors import ConfigError, KVTierError
 
 
 def add_arguments(parser) -> None:
@@ -22,36 +26,72 @@ def add_arguments(parser) -> None:
 
 
 def inspect_dir(path: str, check: bool = False) -> dict:
-    """The summary (and with ``check`` the verification report) of a tier directory."""
+    """The summary (and with ``check`` the verification report) of a tier directory.
+
+    The index is read in a child process: LMDB trusts the sizes in its pages, so
+    a damaged page can make a read run off the end of the mapped file (SIGBUS).
+    That kills the child, not this process, and is reported as index damage."""
+    where = os.path.join(path, "index")
+    if not os.path.exists(os.path.join(where, "data.mdb")):
+        raise ConfigError("dir", path, "a disk tier directory (it has no index/data.mdb)")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    code = ("import json, sys\nfrom kvtier.cli.inspect import _inspect_here\n"
+            "print(json.dumps(_inspect_here(sys.argv[1], sys.argv[2] == 'check'), default=str))")
+    r = subprocess.run([sys.executable, "-c", code, path, "check" if check else "summary"],
+                       capture_output=True, text=True, env=env)
+    if r.returncode < 0:
+        name = signal.Signals(-r.returncode).name if -r.returncode in signal.valid_signals() \
+            else f"signal {-r.returncode}"
+        return _damaged(path, f"disk index {where}: reading it killed the checker ({name})")
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no message"])[-1]
+        raise KVTierError(f"inspect {path}: the checker failed (exit {r.returncode}): {last}")
+    return json.loads(r.stdout)
+
+
+def _inspect_here(path: str, check: bool) -> dict:
+    """inspect_dir's work, in this process."""
     from ..tiers.disk.check import summarize, verify
     from ..tiers.disk.index import DiskIndex, IndexFailure
     from ..tiers.disk.slabs import SlotGeometry
 
     where = os.path.join(path, "index")
-    if not os.path.exists(os.path.join(where, "data.mdb")):
-        raise ConfigError("dir", path, "a disk tier directory (it has no index/data.mdb)")
     try:
         index = DiskIndex(where, 1, readonly=True)
     except IndexFailure as e:
-        return {"path": path, "ok": False, "problems": [f"index unreadable: {e}"]}
+        return _damaged(path, str(e))
     try:
-        geo = index.geometry()
-        if geo is None:
-            return {"path": path, "ok": False, "problems": ["index has no geometry record"]}
-        raw = index.get_meta(b"num_slots")
-        num_slots = int(raw) if raw else 0
-        per = geo["slots_per_slab"]
-        g = SlotGeometry(geo["block_bytes"], geo["slot_bytes"], per, max(num_slots, 1))
-        out = summarize(index, g, path)
+        try:
+            geo = index.geometry()
+            if geo is None:
+                return {"path": path, "ok": False, "problems": ["index has no geometry record"]}
+            raw = index.get_meta(b"num_slots")
+            num_slots = int(raw) if raw else 0
+            g = SlotGeometry(geo["block_bytes"], geo["slot_bytes"], geo["slots_per_slab"],
+                             max(num_slots, 1))
+        except (KeyError, TypeError, ValueError, ArithmeticError) as e:   # ConfigError is a ValueError
+            return _damaged(path, f"disk index {where}: geometry record is unusable ({e!r})")
+        except IndexFailure as e:
+            return _damaged(path, str(e))
+        try:
+            out = summarize(index, g, path)
+        except IndexFailure as e:
+            return _damaged(path, str(e))
         out["in_use_by_pid"] = _holder(path)
         if check:
-            report = verify(index, g, path)
+            report = verify(index, g, path)      # a damaged index is one of its problems
             report.pop("slots", None)
             out["check"] = report
             out["ok"] = report["ok"]
         return out
     finally:
         index.close()
+
+
+def _damaged(path: str, why: str) -> dict:
+    """The report on an index whose damage stops even the summary: a finding (exit 1)."""
+    return {"path": path, "ok": False, "problems": [f"index damaged: {why}"]}
 
 
 def _holder(path: str) -> str | None:

@@ -347,8 +347,12 @@ def pread_spans(fds, offsets, addrs, lengths, threads=None) -> np.ndarray:
 
 def _block_args(block_len, chunk_len, piece_len) -> int:
     for name, v in (("block_len", block_len), ("chunk_len", chunk_len), ("piece_len", piece_len)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise TypeError(f"{name} must be a non-negative int, got {v!r}")
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError(f"{name} must be a non-negative int, got {type(v).__name__}")
+        if v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        if v >= 2**64:
+            raise ValueError(f"{name} must be below 2**64, got {v!r}")
     if block_len == 0 or chunk_len == 0:
         raise ValueError(f"block_len and chunk_len must be positive, got {block_len} and {chunk_len}")
     if piece_len and piece_len < block_len and piece_len % chunk_len and chunk_len % piece_len:
@@ -358,6 +362,7 @@ def _block_args(block_len, chunk_len, piece_len) -> int:
 
 
 def _io_blocks(write, fds, offsets, addrs, block_len, chunk_len, piece_len, threads):
+    _threads(threads)  # checked first, as the extension does
     piece = _block_args(block_len, chunk_len, piece_len)
     addr = _array(addrs, "addrs", ("uint64",))
     n = addr.size

@@ -28,6 +28,7 @@ SLOT_ALIGN = 4096
 _MEMORY = ("auto", "pinned", "pageable", "none")
 MADV_POPULATE_WRITE = 23          # Linux 5.14+: map pages writable without touching their bytes
 POPULATE_STEP = 32 << 20          # bytes per madvise call of the background populate
+SLOT_BOOKKEEPING_BYTES = 40       # free-list entry, int object and used flag per slot
 
 
 def memory_limit() -> int | None:
@@ -45,6 +46,18 @@ def memory_limit() -> int | None:
         except (OSError, ValueError):
             pass
     return min(limits) if limits else None
+
+
+def check_capacity(name: str, slot_bytes: int, num_slots: int, *, arena: bool) -> None:
+    """ConfigError (``<name>.capacity_bytes``) unless the slots' bookkeeping, and their
+    bytes when this tier allocates its own ``arena``, fit in :func:`memory_limit`.
+    Too much would end in an OOM kill or a bare MemoryError, not a miss."""
+    nbytes = slot_bytes * num_slots
+    limit = memory_limit()
+    if limit is not None and (nbytes if arena else 0) + num_slots * SLOT_BOOKKEEPING_BYTES > limit:
+        raise ConfigError(f"{name}.capacity_bytes", nbytes,
+                          f"at most the memory this process may use ({limit} bytes, of which "
+                          f"{SLOT_BOOKKEEPING_BYTES} per {slot_bytes}-byte slot go to bookkeeping)")
 
 
 def _cuda_available() -> bool:
@@ -67,7 +80,15 @@ class HostTier(Tier):
         so that no store pays for page faults; False maps pages as slots are first used;
         "background" maps them from a thread while the tier is already in use (stores
         that come first fault their own pages; the bytes are never touched)."""
-        super().__init__(name, block_bytes, num_slots)
+        if (isinstance(block_bytes, int) and isinstance(num_slots, int)   # else Tier says why
+                and block_bytes > 0 and num_slots > 0):
+            check_capacity(name, round_up(block_bytes, SLOT_ALIGN), num_slots,
+                           arena=buffer is None and memory != "none")
+        try:
+            super().__init__(name, block_bytes, num_slots)
+        except MemoryError:     # the slot bookkeeping, where memory_limit() knows no limit
+            raise ConfigError(f"{name}.capacity_bytes", round_up(block_bytes, SLOT_ALIGN) * num_slots,
+                              "few enough slots that this process can keep track of them") from None
         if not (isinstance(populate, bool) or populate == "background"):
             raise ConfigError(f"{name}.populate", populate, "true, false or \"background\"")
         self.slot_bytes = round_up(block_bytes, SLOT_ALIGN)
@@ -103,10 +124,6 @@ class HostTier(Tier):
                                   f"an amount of pinned memory this machine can lock ({e})") from e
             arena = self._tensor.numpy()
         else:
-            limit = memory_limit()
-            if limit is not None and nbytes > limit:     # it would end in an OOM kill, not a miss
-                raise ConfigError(f"{name}.capacity_bytes", nbytes,
-                                  f"at most the memory this process may use ({limit} bytes)")
             try:
                 # anonymous and page-aligned
                 self._mmap = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)

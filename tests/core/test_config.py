@@ -131,3 +131,42 @@ def test_host_tier_refuses_more_memory_than_the_process_may_use():
     with pytest.raises(ConfigError, match=r"big\.capacity_bytes.*memory this process may use"):
         HostTier("big", 1 << 20, slots, memory="pageable")
     HostTier("fits", 1 << 20, 4, memory="pageable").close()
+
+
+@pytest.mark.parametrize("text,size", [
+    ("1PiB", 2**50), ("1EiB", 2**60), ("8EiB", 2**63), ("2PB", 2 * 10**15), ("1EB", 10**18),
+    ("3tib", 3 * 2**40), ("1.5PiB", 3 * 2**49), ("1 E", 10**18), ("123456789123456789", 123456789123456789),
+])
+def test_sizes_parse_up_to_exbibytes(text, size):
+    from kvtier.config import parse_size
+    assert parse_size("host.capacity_bytes", text) == size
+    assert KVTierConfig.from_dict({"host": {"capacity_bytes": text}}).host.capacity_bytes == size
+
+
+@pytest.mark.parametrize("text", ["1ZiB", "1YB", "1PiBs", "PiB", "-1PiB"])
+def test_unknown_size_units_name_the_key(text):
+    with pytest.raises(ConfigError) as e:
+        KVTierConfig.from_dict({"host": {"capacity_bytes": text}})
+    assert e.value.key == "host.capacity_bytes" and "EiB" in str(e.value)
+
+
+@pytest.mark.parametrize("pinned", ["off", "on", "auto"])
+def test_a_petabyte_host_tier_is_a_config_error_not_a_memory_error(pinned):
+    """Issue 19: the slot bookkeeping was allocated before the memory check, so
+    1 PiB of 4 KiB slots ended in a bare MemoryError."""
+    from kvtier import TieredCache
+    from kvtier.keys import Namespace
+    from kvtier.tiers.host import memory_limit
+    cfg = KVTierConfig.from_dict({"host": {"capacity_bytes": "1PiB", "pinned": pinned}})
+    with pytest.raises(ConfigError) as e:
+        TieredCache.from_config(cfg, Namespace("m", 16), 4096)
+    assert e.value.key == "host.capacity_bytes" and e.value.value == 2**50
+    assert f"host.capacity_bytes={2**50}" in str(e.value)
+    assert f"({memory_limit()} bytes" in str(e.value)
+
+
+@pytest.mark.parametrize("memory", ["pageable", "pinned", "auto", "none"])
+def test_host_tier_checks_capacity_before_allocating_anything(memory):
+    from kvtier.tiers.host import HostTier
+    with pytest.raises(ConfigError, match=r"huge\.capacity_bytes=1125899906842624 .*memory this process"):
+        HostTier("huge", 4096, 2**38, memory=memory)

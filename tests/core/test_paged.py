@@ -66,3 +66,31 @@ def test_bad_tensors_rejected_cache_intact():
     assert c.lookup(prompt) == 2
     assert c.load(prompt, [2, 3]) == 2
     assert torch.equal(kv[0][2].view(torch.int16), kv[0][0].view(torch.int16))
+
+
+def test_every_method_raises_after_close():
+    """Issue 19: store and lookup after close() answered 1 from a closed cache."""
+    from kvtier.errors import KVTierError
+    from kvtier import CacheClosedError
+    kv = engine()
+    c = make(kv, blocks=4)
+    prompt = np.arange(32)
+    assert c.store(prompt, [0, 1]) == 2
+    keys = c.keys(prompt)
+    c.close()
+    assert c.closed
+    calls = {
+        "store": lambda: c.store(np.arange(100, 132), [2, 3]),
+        "lookup": lambda: c.lookup(prompt),
+        "lookup(keys=)": lambda: c.lookup(keys=keys),
+        "load": lambda: c.load(prompt, [4, 5]),
+        "keys": lambda: c.keys(prompt),
+        "stats": lambda: c.stats(),
+    }
+    for name, call in calls.items():
+        with pytest.raises(CacheClosedError, match="closed") as e:
+            call()
+        assert isinstance(e.value, KVTierError), name
+    c.close()                                  # a second close() is a no-op, like a file's
+    with pytest.raises(CacheClosedError):
+        c.lookup(prompt)

@@ -13,7 +13,7 @@ from collections import Counter
 import numpy as np
 
 from ... import native
-from .index import DiskIndex
+from .index import DiskIndex, IndexFailure
 from .slabs import FORMAT_VERSION, SlotGeometry, block_checksums, slab_file, slab_sizes
 
 MAX_PROBLEMS = 20
@@ -21,7 +21,8 @@ BATCH = 64
 
 
 def verify(index: DiskIndex, geometry: SlotGeometry, path: str, salt: bytes | None = None) -> dict:
-    """A report: ``ok``, ``blocks``, ``bad_blocks``, ``problems`` (first few), ``slots`` (indexed)."""
+    """A report: ``ok``, ``blocks``, ``bad_blocks``, ``problems`` (first few), ``slots`` (indexed).
+    An index whose pages cannot be walked is a problem of kind ``index``, not an exception."""
     g = geometry
     problems: list[str] = []
     kinds: Counter = Counter()
@@ -76,6 +77,8 @@ def verify(index: DiskIndex, geometry: SlotGeometry, path: str, salt: bytes | No
                 todo = []
         if todo:
             _verify_batch(todo, g, bad)
+    except IndexFailure as e:       # a damaged index is a finding too: report what came before
+        bad("index", f"index damaged after {blocks} entries: {e}")
     finally:
         for fd in fds.values():
             if fd is not None:

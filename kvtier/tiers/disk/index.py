@@ -91,24 +91,42 @@ class DiskIndex:
             raise IndexFailure(f"disk index {path}: {e}") from e
 
     # ---- meta -------------------------------------------------------------------
+    # Every read turns lmdb's errors (MDB_CORRUPTED, MDB_PAGE_NOTFOUND, ...) into an
+    # IndexFailure: a damaged index is a finding of `kvtier inspect --check`, not a crash.
     def get_meta(self, name: bytes) -> bytes | None:
-        with self.env.begin(db=self._meta) as txn:
-            v = txn.get(name)
-            return bytes(v) if v is not None else None
+        lmdb = _lmdb()
+        try:
+            with self.env.begin(db=self._meta) as txn:
+                v = txn.get(name)
+                return bytes(v) if v is not None else None
+        except lmdb.Error as e:
+            raise IndexFailure(f"disk index {self.path}: {e}") from e
 
     def geometry(self) -> dict | None:
         raw = self.get_meta(b"geometry")
-        return json.loads(raw) if raw else None
+        if not raw:
+            return None
+        try:
+            geo = json.loads(raw)
+        except ValueError as e:          # JSONDecodeError and UnicodeDecodeError
+            raise IndexFailure(f"disk index {self.path}: geometry record is unreadable ({e})") from e
+        if not isinstance(geo, dict):
+            raise IndexFailure(f"disk index {self.path}: geometry record is not a mapping")
+        return geo
 
     def set_meta(self, items: dict[bytes, bytes]) -> None:
         self._write(lambda txn: [txn.put(k, v, db=self._meta) for k, v in items.items()])
 
     def namespaces(self) -> dict[bytes, str]:
+        lmdb = _lmdb()
         out = {}
-        with self.env.begin(db=self._meta) as txn:
-            for k, v in txn.cursor():
-                if bytes(k).startswith(b"ns:"):
-                    out[bytes(k)[3:]] = bytes(v).decode(errors="replace")
+        try:
+            with self.env.begin(db=self._meta) as txn:
+                for k, v in txn.cursor():
+                    if bytes(k).startswith(b"ns:"):
+                        out[bytes(k)[3:]] = bytes(v).decode(errors="replace")
+        except lmdb.Error as e:
+            raise IndexFailure(f"disk index {self.path}: {e}") from e
         return out
 
     # ---- blocks -----------------------------------------------------------------
@@ -134,8 +152,12 @@ class DiskIndex:
             raise IndexFailure(f"disk index {self.path}: {e}") from e
 
     def __len__(self) -> int:
-        with self.env.begin() as txn:
-            return txn.stat(self._blocks)["entries"]
+        lmdb = _lmdb()
+        try:
+            with self.env.begin() as txn:
+                return txn.stat(self._blocks)["entries"]
+        except lmdb.Error as e:
+            raise IndexFailure(f"disk index {self.path}: {e}") from e
 
     def commit(self, puts: Sequence[tuple[bytes, IndexEntry]] = (), deletes: Sequence[bytes] = (),
                touches: dict[bytes, float] | None = None) -> None:
