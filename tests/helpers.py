@@ -20,3 +20,17 @@ def block(key: bytes, nbytes: int) -> bytes:
 def k(i: int) -> bytes:
     """A tiny integer key as a 16-byte BlockKey."""
     return i.to_bytes(16, "little")
+
+
+def load_and_verify(cache, ids, block_bytes: int, owner="r") -> int:
+    """Load ``ids`` through a TieredCache and check every byte of the blocks that came back
+    against :func:`block`; returns how many leading blocks came back."""
+    handle = cache.prepare_load([k(i) for i in ids], owner)
+    if handle is None:
+        return 0
+    assert handle.wait(10)
+    n = handle.num_ok
+    for key, view in zip(handle.keys[:n], handle.views[:n]):
+        assert bytes(view) == block(key, block_bytes)
+    cache.complete_load(handle)
+    return n

@@ -8,7 +8,7 @@ import pytest
 from kvtier import ConfigError, TieredCache
 from kvtier.tiers import HostTier
 
-from tests.helpers import block, k
+from tests.helpers import block, k, load_and_verify
 
 BB = 4096 + 100          # not a multiple of the slot alignment on purpose
 
@@ -31,15 +31,7 @@ def store(cache, ids, owner="o", success=True):
 
 def verify_load(cache, ids, owner="r") -> int:
     """Load ids, check every byte of every block that came back; returns num_ok."""
-    h = cache.prepare_load([k(i) for i in ids], owner)
-    if h is None:
-        return 0
-    assert h.wait(10)
-    n = h.num_ok
-    for key, view in zip(h.keys[:n], h.views[:n]):
-        assert bytes(view) == block(key, BB)
-    cache.complete_load(h)
-    return n
+    return load_and_verify(cache, ids, BB, owner)
 
 
 @pytest.mark.parametrize("policy", ["lru", "s3fifo", "prefix", "adaptive"])

@@ -10,7 +10,7 @@ from kvtier import ConfigError, TieredCache
 from kvtier.listeners import CacheListener
 from kvtier.tiers import HostTier
 
-from tests.helpers import block, k
+from tests.helpers import block, k, load_and_verify
 
 BB = 4096
 
@@ -87,15 +87,7 @@ def store(cache, ids) -> None:
 
 def verify_load(cache, ids) -> int:
     """Load ids, check every byte of the blocks that came back; returns num_ok."""
-    h = cache.prepare_load([k(i) for i in ids], "r")
-    if h is None:
-        return 0
-    assert h.wait(10)
-    n = h.num_ok
-    for key, view in zip(h.keys[:n], h.views[:n]):
-        assert bytes(view) == block(key, BB)
-    cache.complete_load(h)
-    return n
+    return load_and_verify(cache, ids, BB)
 
 
 def test_store_evict_demote_promote_and_discard_events():
