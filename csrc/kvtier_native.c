@@ -15,6 +15,7 @@
 #include "crc32c.h"
 #include "pool.h"
 #include "pyargs.h"
+#include "ranges.h"
 #include "spans.h"
 
 #define DEFAULT_THREADS_CAP 8
@@ -499,6 +500,8 @@ static PyMethodDef methods[] = {
     {"pwrite_blocks", KW py_pwrite_blocks, METH_VARARGS | METH_KEYWORDS,
      "pwrite_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len=0, threads=None)"
      " -> (bytearray of int64, bytearray of uint32)"},
+    {"_first_outside", kv_py_first_outside, METH_VARARGS,
+     "_first_outside(starts, ends0, addrs, lengths) -> index of the first span outside every range, or -1"},
     {"_pool_workers", py_pool_workers, METH_NOARGS,
      "_pool_workers() -> number of worker threads started so far"},
     {"_set_streaming", py_set_streaming, METH_O,

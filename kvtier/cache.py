@@ -17,11 +17,15 @@ Primitives, in lifecycle order:
 The index (:mod:`kvtier.index`) records every (tier, key); the movement
 (:mod:`kvtier.movement`) reserves slots, evicts, demotes and promotes.
 Eviction picks victims through each tier's EvictionPolicy.  A victim's bytes
-are copied into a bounded staging pool and its slot is freed at once; the
-TransferEngine then writes it to the next tier (demotion) in the background.
-When the pool is full the demotion is dropped and counted: the caller never
-waits on a slower tier.  Leases and pending stores carry a deadline; an owner
-that disappears cannot pin slots for longer than ``lease_timeout_s``.
+are copied into a staging pool (:mod:`kvtier.staging`, grown on demand up to
+``staging_bytes``: by default a quarter of the top tier) and its slot is freed
+at once; the TransferEngine then writes it to the next tier (demotion) in the
+background.  When the pool is at its bound the block is written from its own
+slot instead, which stays taken until then: stores get fewer slots for a
+while (back-pressure), and no demotion is lost.  ``staging_full="drop"``
+drops such demotions instead (counted as ``<tier>.demotions_dropped``).
+Leases and pending stores carry a deadline; an owner that disappears cannot
+pin slots for longer than ``lease_timeout_s``.
 
 One lock guards the index; bytes move outside it (the caller's copies into
 handle views) or on transfer threads.  Listeners are called with it held.
@@ -36,7 +40,7 @@ import time
 from collections import Counter, defaultdict
 from typing import Hashable, Sequence
 
-from .errors import ConfigError
+from .errors import CacheClosedError, ConfigError
 from .handles import LoadHandle, Lookup, StoreHandle
 from .index import PENDING, PROMOTING, READY, BlockIndex, Entry
 from .jobs import TransferEngine
@@ -44,8 +48,10 @@ from .keys import Namespace, check_keys
 from .listeners import CacheListener, Listeners
 from .movement import TierMovement
 from .policy import make_policy
+from .staging import StagingPool, auto_bytes
 from .tiers.base import Tier
-from .tiers.host import HostTier
+
+STAGING_FULL = ("wait", "drop")
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +60,11 @@ class TieredCache:
     """An ordered stack of tiers (fastest first) behind one index."""
 
     def __init__(self, tiers: Sequence[Tier], policy: str | Sequence[str] = "lru", *,
-                 lease_timeout_s: float = 30.0, staging_bytes: int = 64 << 20,
-                 transfer_threads: int = 2, namespace: Namespace | None = None,
-                 listeners: Sequence[CacheListener] = ()):
+                 lease_timeout_s: float = 30.0, staging_bytes: int | None = None,
+                 staging_full: str = "wait", transfer_threads: int = 2,
+                 namespace: Namespace | None = None, listeners: Sequence[CacheListener] = ()):
+        """``staging_bytes``: the bound of the staging pool (None: a quarter of the top
+        tier); ``staging_full``: "wait" (back-pressure, no demotion lost) or "drop"."""
         tiers = list(tiers)
         if not tiers:
             raise ConfigError("tiers", "[]", "at least one tier")
@@ -73,6 +81,8 @@ class TieredCache:
             raise ConfigError("policy", names, f"one policy name or {len(tiers)} names")
         if not (isinstance(lease_timeout_s, (int, float)) and lease_timeout_s > 0):
             raise ConfigError("lease_timeout_s", lease_timeout_s, "a positive number of seconds")
+        if staging_full not in STAGING_FULL:
+            raise ConfigError("staging_full", staging_full, "one of " + ", ".join(STAGING_FULL))
         self.tiers = tiers
         self.namespace = namespace
         self.block_bytes = bb
@@ -87,18 +97,20 @@ class TieredCache:
         # admission filters of lower tiers (e.g. TinyLFU on disk), fed with every use of a block
         self._admission = [t.admission for t in tiers if t.admission is not None]
         stores_bytes = tiers[0].stores_bytes
-        slots = max(1, staging_bytes // max(1, tiers[0].slot_bytes))
-        if not stores_bytes:                     # no bytes to hold: as many as the top tier has
-            slots = max(slots, tiers[0].num_slots)
-        self._staging = HostTier("staging", bb, slots,
-                                 memory="pageable" if stores_bytes else "none")
+        if staging_bytes is None:
+            staging_bytes = auto_bytes(tiers[0].slot_bytes, tiers[0].num_slots)
+        # no bytes to hold: as many slots as the top tier has
+        self._staging = StagingPool(bb, staging_bytes, stores_bytes=stores_bytes,
+                                    min_slots=0 if stores_bytes else tiers[0].num_slots)
         self._bytes = stores_bytes
         self._engine = TransferEngine(transfer_threads)
         self._moves = TierMovement(self._index, self._staging, self._engine, self._lock, self._stats,
-                                   self._events, block_bytes=bb, stores_bytes=stores_bytes)
+                                   self._events, block_bytes=bb, stores_bytes=stores_bytes,
+                                   drop_when_full=staging_full == "drop")
         self._deadlines: list[tuple[float, int, object]] = []
         self._seq = itertools.count()
         self._owners: dict[Hashable, set] = defaultdict(set)
+        self._closed = False
         self._index.recover()
 
     # ---- construction from config --------------------------------------------------
@@ -109,23 +121,26 @@ class TieredCache:
         from .tiers.factory import build_tiers
         tiers, policies = build_tiers(cfg, namespace, block_bytes)
         return cls(tiers, policies, lease_timeout_s=cfg.lease_timeout_s,
-                   staging_bytes=cfg.staging_bytes, transfer_threads=cfg.transfer_threads,
-                   namespace=namespace, listeners=listeners)
+                   staging_bytes=cfg.staging_bytes, staging_full=cfg.staging_full,
+                   transfer_threads=cfg.transfer_threads, namespace=namespace, listeners=listeners)
 
     # ---- listeners -------------------------------------------------------------------
     def add_listener(self, listener: CacheListener) -> None:
         """Call ``listener`` on every later block event (contract: :mod:`kvtier.listeners`)."""
+        self._check_open("add_listener")
         with self._lock:
             self._events.add(listener)
 
     def remove_listener(self, listener: CacheListener) -> None:
         """Stop calling ``listener``; unknown listeners are ignored."""
+        self._check_open("remove_listener")
         with self._lock:
             self._events.remove(listener)
 
     # ---- lookup ---------------------------------------------------------------------
     def lookup(self, keys: Sequence[bytes]) -> Lookup:
         """The longest prefix of ``keys`` stored in any tier, and the tier of each block."""
+        self._check_open("lookup")
         check_keys(keys)
         found: list[int] = []                    # tier index of each leading stored block
         with self._lock:
@@ -179,6 +194,7 @@ class TieredCache:
         Keys already stored (or being stored) are skipped.  If the tier cannot
         make room for all of them, the leading ones get slots.
         """
+        self._check_open("prepare_store")
         check_keys(keys)
         top, policy = self.tiers[0], self._policies[0]
         with self._lock:
@@ -211,6 +227,7 @@ class TieredCache:
 
     def complete_store(self, handle: StoreHandle, success: bool) -> bool:
         """Publish the handle's blocks (or roll back). False if the handle had expired."""
+        self._check_open("complete_store")
         with self._lock:
             if handle.closed:
                 return False
@@ -253,6 +270,7 @@ class TieredCache:
         Returns None when the first key is not stored.  The handle covers the
         longest prefix that could be leased; poll ``ready()`` before copying.
         """
+        self._check_open("prepare_load")
         check_keys(keys)
         with self._lock:
             self._expire()
@@ -304,6 +322,7 @@ class TieredCache:
 
     def complete_load(self, handle: LoadHandle, success: bool = True) -> bool:
         """Release the handle's leases. False if it had already expired or closed."""
+        self._check_open("complete_load")
         with self._lock:
             if handle.closed:
                 return False
@@ -323,6 +342,7 @@ class TieredCache:
         A leased copy leaves the index at once; its slot is freed when the last
         lease is released.  Blocks still pending or on their way down are left alone.
         """
+        self._check_open("discard")
         check_keys(keys)
         n = 0
         with self._lock:
@@ -338,6 +358,7 @@ class TieredCache:
     # ---- leases, owners, deadlines ---------------------------------------------------
     def release(self, owner: Hashable) -> int:
         """Abort every handle ``owner`` still holds; returns how many."""
+        self._check_open("release")
         with self._lock:
             handles = list(self._owners.pop(owner, ()))
             for h in handles:
@@ -381,20 +402,37 @@ class TieredCache:
     # ---- housekeeping ---------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for background demotions and promotions to finish."""
+        self._check_open("flush")
         return self._engine.flush(timeout)
 
     def stats(self) -> dict:
         """A snapshot: counters plus per-tier occupancy."""
+        self._check_open("stats")
         with self._lock:
             out = dict(self._stats)
             for t, tier in enumerate(self.tiers):
                 out[f"{tier.name}.resident_blocks"], out[f"{tier.name}.leased_blocks"] = self._index.occupancy(t)
             out["inflight_blocks"] = self._moves.num_moving
+            out.update({f"staging.{k}": v for k, v in self._staging.stats().items()})
             out["open_handles"] = sum(len(v) for v in self._owners.values())
             return out
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self, method: str) -> None:
+        if self._closed:
+            raise CacheClosedError(f"TieredCache.{method}() called after close(): the cache is closed")
+
     def close(self) -> None:
-        self.flush(timeout=60)
+        """Finish background moves, close every tier; every other method then raises
+        CacheClosedError.  A second close() does nothing."""
+        if self._closed:
+            return
+        self._engine.flush(timeout=60)
+        with self._lock:
+            self._closed = True
         self._engine.close()
         for t in self.tiers:
             t.close()

@@ -143,7 +143,9 @@ class KVTierConfig:
     remote: RemoteConfig | None = None
     gpu: GpuConfig | None = None
     lease_timeout_s: float = 30.0
-    staging_bytes: int = 64 << 20   # bounded pool for blocks in flight between tiers
+    staging_bytes: int | None = None   # bound of the pool for blocks in flight between tiers
+                                       # (grown on demand); None: a quarter of the top tier, >= 64 MiB
+    staging_full: str = "wait"         # wait: back-pressure, no demotion lost; drop: drop and count
     transfer_threads: int = 2
 
     def __post_init__(self) -> None:
@@ -152,7 +154,9 @@ class KVTierConfig:
             if sec is not None:
                 sec.validate(name)
         _positive("lease_timeout_s", self.lease_timeout_s)
-        _positive("staging_bytes", self.staging_bytes, zero_ok=True)
+        if self.staging_bytes is not None:
+            _positive("staging_bytes", self.staging_bytes, zero_ok=True)
+        _choice("staging_full", self.staging_full, ("wait", "drop"))
         _positive("transfer_threads", self.transfer_threads)
         from .policy import check_policy_name
         for name in ("host", "disk", "gpu"):
@@ -236,6 +240,8 @@ def _convert(cls: type, name: str, value: Any, key: str) -> Any:
         known = [f.name for f in dataclasses.fields(cls)]
         raise ConfigError(key, value, "a known key: " + ", ".join(sorted(known)))
     hint = hints[name]
+    if name == "staging_bytes" and value in (None, "auto"):
+        return None
     if name.endswith("_bytes"):
         return parse_size(key, value)
     if hint is bool:

@@ -128,6 +128,10 @@ class BlockLayout:
         self._len = np.concatenate(length).astype(np.uint64)
         self._dst = np.concatenate(dst).astype(np.uint64)
         self.fingerprint = self._fingerprint()
+        # The native copy ops touch only registered host memory: the engine's CPU pages are.
+        from .native import ranges
+        self._ranges = [ranges.register(t, owner=f"engine KV layer {i}")
+                        for i, t in enumerate(tensors) if dev.type == "cpu"]
 
     def _fingerprint(self) -> str:
         desc = [(str(t.dtype), tuple(t.shape[:self.block_dim]) + tuple(t.shape[self.block_dim + 1:]),

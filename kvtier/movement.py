@@ -17,6 +17,14 @@ stats counter and its listeners.  The cache calls, with its lock held:
                            whether a block is on its way down (held in staging),
                            and how many are
 
+Staging full: a demotion is never dropped unless the cache was built with
+``staging_full="drop"``.  Instead the block is written from the slot it
+already has ("in place", counted as ``<lower>.demotions_in_place``): an
+evicted block keeps its slot until the write is done, so ``reserve`` hands
+out fewer slots meanwhile (and evicts no more for slots that are on their way
+to being freed); a write-through block stays leased until it is written.
+That is the back-pressure: the tier above waits for the tier below.
+
 The transfer-thread bodies below take the lock only to change the index:
 
     _write_down / _written_down
@@ -37,9 +45,19 @@ from .errors import TierIOError
 from .index import PENDING, PROMOTING, READY, BlockIndex, Entry
 from .jobs import Job, TransferEngine
 from .listeners import Listeners
+from .staging import StagingPool
 from .tiers.base import Tier
 
 _LEASED, _COPYING, _DONE = "leased", "copying", "done"
+
+
+class _InPlace:
+    """A block written down from its own slot: evicted (the slot is freed after the
+    write) or write-through (the entry is leased until the write)."""
+    __slots__ = ("key", "entry", "slot", "evicted")
+
+    def __init__(self, key: bytes, entry: Entry, slot: int, evicted: bool):
+        self.key, self.entry, self.slot, self.evicted = key, entry, slot, evicted
 
 
 class _StagedCopy:
@@ -58,10 +76,13 @@ def _waiting(e: Entry) -> "_StagedCopy | None":
 class TierMovement:
     """Eviction, demotion and promotion between a cache's tiers (see module docstring)."""
 
-    def __init__(self, index: BlockIndex, staging: Tier, engine: TransferEngine, lock: threading.RLock,
-                 stats: Counter, events: Listeners, *, block_bytes: int, stores_bytes: bool):
-        """``staging``: an addressable pool of ``block_bytes`` slots for blocks in flight;
-        ``stores_bytes`` False: metadata only, no bytes are copied."""
+    def __init__(self, index: BlockIndex, staging: StagingPool, engine: TransferEngine, lock: threading.RLock,
+                 stats: Counter, events: Listeners, *, block_bytes: int, stores_bytes: bool,
+                 drop_when_full: bool = False):
+        """``staging``: a pool of ``block_bytes`` slots for blocks in flight;
+        ``stores_bytes`` False: metadata only, no bytes are copied;
+        ``drop_when_full``: drop (and count) demotions staging has no room for,
+        instead of writing them from their own slots."""
         self._index = index
         self._tiers = index.tiers
         self._policies = index.policies
@@ -73,7 +94,9 @@ class TierMovement:
         self._events = events
         self._block_bytes = block_bytes
         self._bytes = stores_bytes
-        self._inflight: dict[bytes, int] = {}          # key -> staging slot, while moving down
+        self._drop_when_full = drop_when_full
+        self._inflight: dict[bytes, int | None] = {}   # key -> staging slot (None: in place), while moving down
+        self._held = [0] * len(self._tiers)            # evicted slots per tier, freed when written down
 
     # ---- what the cache calls (lock held) ----------------------------------------------
     def moving(self, key: bytes) -> bool:
@@ -89,7 +112,7 @@ class TierMovement:
         tier, policy = self._tiers[t], self._policies[t]
         if tier.num_slots is None:
             return [0] * n
-        short = n - tier.num_free
+        short = n - tier.num_free - self._held[t]      # slots being written down free up soon
         if short > 0:
             index = self._index[t]
 
@@ -110,14 +133,16 @@ class TierMovement:
                 self._evict(t, victims)
         return tier.allocate(min(n, tier.num_free)) or []
 
-    def copy_down(self, t: int, down: int, items: Sequence[tuple[bytes, Entry]], through: bool = False) -> None:
+    def copy_down(self, t: int, down: int, items: Sequence[tuple[bytes, Entry]], through: bool = False) -> set[bytes]:
         """Copy blocks of tier t into staging and queue their write to tier ``down``.
 
         Demotions pass the lower tier's policy and admission filter; write-through
         copies pass only the policy.  An evicted block's slot is reused at once, so
         its bytes are copied here; a write-through block stays where it is, so it is
         leased instead and the transfer thread copies it (the caller, an engine's
-        scheduler completing a store, does not wait for the copy).
+        scheduler completing a store, does not wait for the copy).  Without room in
+        staging a block is written from its own slot (see the module docstring);
+        returns the evicted blocks that keep their slot until then.
         """
         lower, src = self._tiers[down], self._tiers[t]
         policy = self._policies[down]
@@ -133,7 +158,17 @@ class TierMovement:
                 continue
             got = self._staging.allocate(1)
             if not got:
-                self._stats[f"{lower.name}.demotions_dropped"] += 1
+                if self._drop_when_full:
+                    self._stats[f"{lower.name}.demotions_dropped"] += 1
+                    continue
+                self._stats[f"{lower.name}.demotions_in_place"] += 1
+                held = _InPlace(key, e, e.slot, evicted=not through)
+                if through:
+                    e.leases += 1                  # its bytes stay put until they are written
+                else:
+                    self._held[t] += 1
+                self._inflight[key] = None
+                batch.append((key, None, e.pos, held))
                 continue
             if self._bytes and through:
                 e.leases += 1                      # its bytes stay put until the copy is made
@@ -142,13 +177,14 @@ class TierMovement:
             elif self._bytes:
                 self._stage_one(src, key, e, got[0])
             self._inflight[key] = got[0]
-            batch.append((key, got[0], e.pos))
+            batch.append((key, got[0], e.pos, None))
         if batch:
             def done(job: Job) -> None:
                 self._unlease_staged(t, leased)    # the copy never ran: let go of the blocks
-                self._written_down(job, down, batch)
+                self._written_down(job, t, down, batch)
             self._engine.submit(f"demote {src.name}->{lower.name}",
                                 lambda: self._write_down(down, batch, t, leased), done)
+        return {b[3].key for b in batch if b[3] is not None and b[3].evicted}
 
     def promote(self, t: int, items: list[tuple[bytes, Entry, Entry]]) -> Job:
         """Queue the read of tier-t blocks into top-tier slots.
@@ -179,11 +215,10 @@ class TierMovement:
                 self._finish_staged(t, copy)
             if down is not None and not self._tiers[down].write_through:
                 moving.append((key, e))
-        if moving:
-            self.copy_down(t, down, moving)
+        in_place = self.copy_down(t, down, moving) if moving else set()
         slots = [index.pop(key).slot for key in victims]
         tier.discard(victims, slots)
-        tier.free(slots)
+        tier.free([s for key, s in zip(victims, slots) if key not in in_place])
         self._events.emit("evicted", tier, victims)
 
     # ---- demotion ---------------------------------------------------------------------
@@ -222,24 +257,42 @@ class TierMovement:
         lower = self._tiers[down]
         with self._lock:
             slots = self.reserve(down, len(batch))
-            for (key, _, pos), slot in zip(batch, slots):
+            for (key, _, pos, _), slot in zip(batch, slots):
                 self._index[down][key] = Entry(slot, PENDING, pos)
-        views = [self._staging.view(st) for _, st, _ in batch[:len(slots)]] if self._bytes \
-            else [None] * len(slots)
-        keys = [k for k, _, _ in batch[:len(slots)]]
-        return lower.write(keys, slots, views) if self._bytes else [True] * len(slots)
+        keys = [k for k, _, _, _ in batch[:len(slots)]]
+        if not self._bytes:
+            return [True] * len(slots)
+        views = [self._staging.view(st) if st is not None else self._own_bytes(self._tiers[t], held)
+                 for _, st, _, held in batch[:len(slots)]]
+        return lower.write(keys, slots, views)
 
-    def _written_down(self, job: Job, down: int, batch) -> None:
+    def _own_bytes(self, src: Tier, held: _InPlace):
+        """A block written from its own slot: the slot itself, or a copy of it where the
+        tier's memory is not host memory (a GPU pool)."""
+        if src.addressable and src.medium == "host":
+            return src.view(held.slot)
+        buf = memoryview(bytearray(self._block_bytes))
+        if not src.read([held.key], [held.slot], [buf])[0]:
+            raise TierIOError(f"{src.name}: slot {held.slot} could not be read for its demotion")
+        return buf
+
+    def _written_down(self, job: Job, t: int, down: int, batch) -> None:
         lower, policy = self._tiers[down], self._policies[down]
         with self._lock:
             results: dict[bytes, bool] = {}
             if isinstance(job.result, list):
-                for (key, _, _), good in zip(batch, job.result):
+                for (key, _, _, _), good in zip(batch, job.result):
                     results[key] = good
             published = []
-            for key, st, pos in batch:
+            for key, st, pos, held in batch:
                 self._inflight.pop(key, None)
-                self._staging.free([st])
+                if st is not None:
+                    self._staging.free([st])
+                elif held.evicted:                 # its slot was kept for this write
+                    self._held[t] -= 1
+                    self._tiers[t].free([held.slot])
+                else:
+                    self._index.unlease(t, held.entry)
                 e = self._index[down].get(key)
                 if e is None or e.state != PENDING:
                     continue

@@ -204,15 +204,15 @@ def _raw(work: str, src, dst, n: int, bb: int, qd: int) -> dict:
         lens = np.minimum(bb - starts, piece).astype(np.uint64)
         batches.append((offs, np.tile(lens, m), threads))
 
-    def io(fn, base):
+    def io(fn, base, buf):
         def go():
             for offs, lens, threads in batches:
-                res = fn(fd, offs, base + offs.astype(np.uint64), lens, threads)
+                res = fn(fd, offs, base + offs.astype(np.uint64), lens, threads, within=[buf])
                 if (res != lens.astype(np.int64)).any():
                     raise RuntimeError(f"raw I/O failed: {res.tolist()}")
         return go
-    return {"write": io(native.pwrite_spans, np.uint64(src.ctypes.data)),
-            "read": io(native.pread_spans, np.uint64(dst.ctypes.data)), "close": lambda: os.close(fd)}
+    return {"write": io(native.pwrite_spans, np.uint64(src.ctypes.data), src),
+            "read": io(native.pread_spans, np.uint64(dst.ctypes.data), dst), "close": lambda: os.close(fd)}
 
 
 def _safetensors(work: str, src, dst, n: int, bb: int, repeat: int) -> dict[str, float]:

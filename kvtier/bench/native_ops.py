@@ -53,7 +53,7 @@ def copy_spans_cases(total: int, repeat: int, block: int = MiB, span: int = 32 <
     for threads in (1, 2):
         def spans():
             for s, d in zip(srcs, dsts):
-                native.copy_spans(s, d, lengths, threads=threads)
+                native.copy_spans(s, d, lengths, threads=threads, within=[src, dst])
 
         def blocks():
             for b in range(num_blocks):
@@ -124,7 +124,7 @@ def test_bench_copy_spans_1mib_block(benchmark):
     order = np.random.default_rng(1).permutation(64)[:32].astype(np.uint64)
     benchmark(native.copy_spans, order * 32768 + src.ctypes.data,
               np.arange(32, dtype=np.uint64) * 32768 + dst.ctypes.data,
-              np.full(32, 32768, dtype=np.uint64))
+              np.full(32, 32768, dtype=np.uint64), within=[src, dst])
 
 
 def test_bench_crc32c_1mib(benchmark):

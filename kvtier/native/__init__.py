@@ -24,6 +24,11 @@ Ops:
         parallel, so checksumming overlaps I/O even within one block
     alloc_aligned(nbytes, alignment=4096) -> uint8[]         buffers fit for O_DIRECT
 
+The raw-address ops (copy_spans, crc32c_spans, copy_crc_spans and the pread/pwrite
+ops) check every span against the host memory registered in
+:mod:`kvtier.native.ranges` before either implementation runs; ``within=[buf, ...]``
+adds buffers that live for that call only.
+
 Address and length arguments are 1-D contiguous numpy uint64 arrays (offsets
 int64 or uint64, fds int32 or int64 or one int); anything else is a ValueError
 or TypeError naming the argument; a batch is checked whole before any byte
@@ -46,7 +51,7 @@ import os
 
 import numpy as np
 
-from . import numpy_ref
+from . import numpy_ref, ranges
 from ..errors import ConfigError, MissingDependencyError
 
 log = logging.getLogger(__name__)
@@ -95,59 +100,108 @@ mode = _read_mode()
 _ext = _load(mode)
 
 NATIVE: bool = _ext is not None
+ranges.use_native_check(getattr(_ext, "_first_outside", None) if _ext is not None else None)
 HARDWARE_CRC: bool = bool(_ext.HARDWARE_CRC) if _ext else False
 DEFAULT_THREADS: int = int(_ext.DEFAULT_THREADS) if _ext else numpy_ref.DEFAULT_THREADS
 
 alloc_aligned = numpy_ref.alloc_aligned
 
 if _ext is not None:
-    copy_spans = _ext.copy_spans
+    _impl_copy_spans = _ext.copy_spans
     memcpy = _ext.memcpy
     crc32c = _ext.crc32c
 
-    def crc32c_spans(addrs, lengths, threads=None) -> np.ndarray:
-        """One fresh CRC32C per span, as uint32."""
+    def _impl_crc32c_spans(addrs, lengths, threads=None) -> np.ndarray:
         return np.frombuffer(_ext.crc32c_spans(addrs, lengths, threads), dtype=np.uint32)
 
-    def copy_crc_spans(src_addrs, dst_addrs, lengths, threads=None) -> np.ndarray:
-        """copy_spans, and the CRC32C of each span's bytes (uint32), in one pass."""
+    def _impl_copy_crc_spans(src_addrs, dst_addrs, lengths, threads=None) -> np.ndarray:
         return np.frombuffer(_ext.copy_crc_spans(src_addrs, dst_addrs, lengths, threads),
                              dtype=np.uint32)
 
-    def pwrite_spans(fds, offsets, addrs, lengths, threads=None) -> np.ndarray:
-        """pwrite every span; int64 results: bytes written or -errno. Never raises for I/O."""
+    def _impl_pwrite_spans(fds, offsets, addrs, lengths, threads=None) -> np.ndarray:
         return np.frombuffer(_ext.pwrite_spans(fds, offsets, addrs, lengths, threads),
                              dtype=np.int64)
 
-    def pread_spans(fds, offsets, addrs, lengths, threads=None) -> np.ndarray:
-        """pread every span; int64 results: bytes read (short at end of file) or -errno."""
+    def _impl_pread_spans(fds, offsets, addrs, lengths, threads=None) -> np.ndarray:
         return np.frombuffer(_ext.pread_spans(fds, offsets, addrs, lengths, threads),
                              dtype=np.int64)
 
-    def pwrite_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len=0, threads=None):
-        """Checksum then pwrite every block: (int64 bytes written or -errno, uint32 checksums)."""
+    def _impl_pwrite_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len=0, threads=None):
         res, crcs = _ext.pwrite_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len, threads)
         return np.frombuffer(res, dtype=np.int64), np.frombuffer(crcs, dtype=np.uint32)
 
-    def pread_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len=0, threads=None):
-        """pread then checksum every block: (int64 bytes read or -errno, uint32 checksums,
-        valid where the whole block was read)."""
+    def _impl_pread_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len=0, threads=None):
         res, crcs = _ext.pread_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len, threads)
         return np.frombuffer(res, dtype=np.int64), np.frombuffer(crcs, dtype=np.uint32)
 else:
-    copy_spans = numpy_ref.copy_spans
+    _impl_copy_spans = numpy_ref.copy_spans
     memcpy = numpy_ref.memcpy
     crc32c = numpy_ref.crc32c
-    crc32c_spans = numpy_ref.crc32c_spans
-    copy_crc_spans = numpy_ref.copy_crc_spans
-    pwrite_spans = numpy_ref.pwrite_spans
-    pread_spans = numpy_ref.pread_spans
-    pwrite_blocks = numpy_ref.pwrite_blocks
-    pread_blocks = numpy_ref.pread_blocks
+    _impl_crc32c_spans = numpy_ref.crc32c_spans
+    _impl_copy_crc_spans = numpy_ref.copy_crc_spans
+    _impl_pwrite_spans = numpy_ref.pwrite_spans
+    _impl_pread_spans = numpy_ref.pread_spans
+    _impl_pwrite_blocks = numpy_ref.pwrite_blocks
+    _impl_pread_blocks = numpy_ref.pread_blocks
+
+
+# ---- the raw-address ops: every span checked against registered memory first ----------
+# (kvtier.native.ranges; ``within``: buffers of this call only, e.g. bounce buffers)
+
+def copy_spans(src_addrs, dst_addrs, lengths, threads=None, *, within=()) -> None:
+    """memcpy(dst_addrs[i], src_addrs[i], lengths[i]) for every span."""
+    if ranges._mode != "off":
+        ranges.check("copy_spans", (("src_addrs", src_addrs), ("dst_addrs", dst_addrs)), lengths, within)
+    _impl_copy_spans(src_addrs, dst_addrs, lengths, threads)
+
+
+def crc32c_spans(addrs, lengths, threads=None, *, within=()) -> np.ndarray:
+    """One fresh CRC32C per span, as uint32."""
+    if ranges._mode != "off":
+        ranges.check("crc32c_spans", (("addrs", addrs),), lengths, within)
+    return _impl_crc32c_spans(addrs, lengths, threads)
+
+
+def copy_crc_spans(src_addrs, dst_addrs, lengths, threads=None, *, within=()) -> np.ndarray:
+    """copy_spans, and the CRC32C of each span's bytes (uint32), in one pass."""
+    if ranges._mode != "off":
+        ranges.check("copy_crc_spans", (("src_addrs", src_addrs), ("dst_addrs", dst_addrs)), lengths,
+                     within)
+    return _impl_copy_crc_spans(src_addrs, dst_addrs, lengths, threads)
+
+
+def pwrite_spans(fds, offsets, addrs, lengths, threads=None, *, within=()) -> np.ndarray:
+    """pwrite every span; int64 results: bytes written or -errno. Never raises for I/O."""
+    if ranges._mode != "off":
+        ranges.check("pwrite_spans", (("addrs", addrs),), lengths, within)
+    return _impl_pwrite_spans(fds, offsets, addrs, lengths, threads)
+
+
+def pread_spans(fds, offsets, addrs, lengths, threads=None, *, within=()) -> np.ndarray:
+    """pread every span; int64 results: bytes read (short at end of file) or -errno."""
+    if ranges._mode != "off":
+        ranges.check("pread_spans", (("addrs", addrs),), lengths, within)
+    return _impl_pread_spans(fds, offsets, addrs, lengths, threads)
+
+
+def pwrite_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len=0, threads=None, *, within=()):
+    """Checksum then pwrite every block: (int64 bytes written or -errno, uint32 checksums)."""
+    if ranges._mode != "off":
+        ranges.check("pwrite_blocks", (("addrs", addrs),), block_len, within)
+    return _impl_pwrite_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len, threads)
+
+
+def pread_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len=0, threads=None, *, within=()):
+    """pread then checksum every block: (int64 bytes read or -errno, uint32 checksums,
+    valid where the whole block was read)."""
+    if ranges._mode != "off":
+        ranges.check("pread_blocks", (("addrs", addrs),), block_len, within)
+    return _impl_pread_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len, threads)
+
 
 __all__ = [
     "mode", "NATIVE", "HARDWARE_CRC", "DEFAULT_THREADS", "NativeExtensionMissing",
     "copy_spans", "memcpy", "crc32c", "crc32c_spans", "copy_crc_spans", "pwrite_spans", "pread_spans",
     "pwrite_blocks", "pread_blocks",
-    "alloc_aligned",
+    "alloc_aligned", "ranges",
 ]

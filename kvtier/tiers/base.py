@@ -23,6 +23,9 @@ Attributes every tier has (defaults here; subclasses set or override them):
     admission              an :class:`AdmissionFilter` the cache feeds with every use
                            of a block and asks before demoting a block here, or None
 
+After ``close()`` every method but ``close`` (which may be called again) and
+``stats`` raises :class:`~kvtier.errors.CacheClosedError`.
+
 Optional hooks, concrete no-ops here: ``recover`` (persistent tiers report the
 blocks a previous process left), ``contains`` (tiers whose membership changes
 behind our back, e.g. remote servers shared by several nodes), ``view``
@@ -40,7 +43,7 @@ from typing import ClassVar, Protocol, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, KVTierError
+from ..errors import CacheClosedError, ConfigError, KVTierError
 
 
 class SlotAllocator:
@@ -112,6 +115,18 @@ class Tier(ABC):
         self.num_slots = num_slots
         self.slot_bytes = block_bytes
         self._slots = SlotAllocator(num_slots) if num_slots is not None else None
+        self._closed = False
+
+    # ---- closing -------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return getattr(self, "_closed", False)
+
+    def _check_open(self, method: str) -> None:
+        """Raise CacheClosedError when the tier has been closed (subclasses call this
+        first in every method that touches slots or bytes)."""
+        if getattr(self, "_closed", False):
+            raise CacheClosedError(f"{type(self).__name__} {self.name!r}: {method}() called after close()")
 
     @property
     def stores_bytes(self) -> bool:
@@ -125,11 +140,13 @@ class Tier(ABC):
 
     def allocate(self, n: int) -> list[int] | None:
         """Reserve ``n`` slots, or None (and nothing reserved)."""
+        self._check_open("allocate")
         if self._slots is None:
             return [0] * n            # keyed tiers: slots are placeholders
         return self._slots.allocate(n)
 
     def free(self, slots: Sequence[int]) -> None:
+        self._check_open("free")
         if self._slots is not None:
             self._slots.free(slots)
 
@@ -189,7 +206,8 @@ class Tier(ABC):
                 "num_slots": self.num_slots, "used_slots": used}
 
     def close(self) -> None:
-        """Release resources; the tier is unusable afterwards."""
+        """Release resources; the tier refuses use afterwards (subclasses call this)."""
+        self._closed = True
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, block_bytes={self.block_bytes}, num_slots={self.num_slots})"

@@ -94,6 +94,7 @@ class HostTier(Tier):
         self.slot_bytes = round_up(block_bytes, SLOT_ALIGN)
         self._mmap = None
         self._tensor = None
+        self._range = None
         self._populating: threading.Thread | None = None
         self._stop_populating = threading.Event()
         if buffer is not None:
@@ -147,6 +148,8 @@ class HostTier(Tier):
         self._arena = arena
         self._base = arena.ctypes.data
         self._mv = memoryview(arena)              # slicing this is cheap; ndarray export is not
+        # the native span ops may touch the arena (addresses() hands out its slots)
+        self._range = native.ranges.register(arena, owner=f"{self.name} arena")
 
     def _populate(self) -> None:
         """Map the arena's pages step by step (GIL released in each madvise call)."""
@@ -173,6 +176,7 @@ class HostTier(Tier):
         return self._arena[off:off + self.block_bytes]
 
     def view(self, slot: int) -> memoryview | None:
+        self._check_open("view")
         if self._arena is None:
             return None
         if not 0 <= slot < self.num_slots:
@@ -181,17 +185,20 @@ class HostTier(Tier):
         return self._mv[off:off + self.block_bytes]
 
     def addresses(self, slots: Sequence[int]) -> np.ndarray | None:
+        self._check_open("addresses")
         if self._arena is None:
             return None
         return self._base + np.asarray(slots, dtype=np.uint64) * np.uint64(self.slot_bytes)
 
     def write(self, keys, slots, srcs) -> list[bool]:
+        self._check_open("write")
         if self._arena is not None:
             for slot, src in zip(slots, srcs):
                 native.memcpy(self._slot(slot), src)
         return [True] * len(slots)
 
     def read(self, keys, slots, dsts) -> list[bool]:
+        self._check_open("read")
         if self._arena is not None:
             for slot, dst in zip(slots, dsts):
                 native.memcpy(dst, self._slot(slot))
@@ -209,9 +216,15 @@ class HostTier(Tier):
         return d
 
     def close(self) -> None:
+        if self.closed:
+            return
+        super().close()
         self._stop_populating.set()
         if self._populating is not None:
             self._populating.join()
+        if self._range is not None:
+            self._range.close()                  # before the memory can go away
+            self._range = None
         self._mv = None
         self._arena = None
         self._tensor = None

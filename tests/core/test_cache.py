@@ -137,13 +137,19 @@ def test_demotion_and_promotion_through_a_second_tier(threads):
     assert st["t1.stored_blocks"] >= 4
 
 
-def test_demotion_dropped_when_staging_is_full():
+@pytest.mark.parametrize("full", ["wait", "drop"])
+def test_demotion_without_staging_room_waits_or_is_dropped_when_asked(full):
     tiers = [HostTier("t0", BB, 1, memory="pageable"), HostTier("t1", BB, 8, memory="pageable")]
-    c = TieredCache(tiers, staging_bytes=0, transfer_threads=2)
+    c = TieredCache(tiers, staging_bytes=0, staging_full=full, transfer_threads=2)
     store(c, [1])
-    store(c, [2])                                    # evicts 1; the pool has a single slot
+    store(c, [2])                                    # evicts 1; the pool has no slot
     c.flush()
-    assert c.stats().get("t1.demotions_dropped", 0) + c.stats().get("t1.stored_blocks", 0) == 1
+    st = c.stats()
+    if full == "wait":                               # written from its own slot, then freed
+        assert st.get("t1.demotions_dropped", 0) == 0 and st["t1.demotions_in_place"] == 1
+        assert c.lookup([k(1)]).tiers == ("t1",) and verify_load(c, [1]) == 1
+    else:
+        assert st["t1.demotions_dropped"] == 1 and st.get("t1.stored_blocks", 0) == 0
 
 
 def test_bad_input_is_rejected_and_cache_intact():

@@ -41,7 +41,7 @@ def test_store_spans_gather_exact_pages(name, ids):
     addrs = buf.ctypes.data + np.arange(len(ids), dtype=np.uint64) * np.uint64(lay.block_bytes)
     sp = lay.spans(ids, addrs, to_engine=False)
     assert sp.nbytes == len(ids) * lay.block_bytes
-    native.copy_spans(sp.src, sp.dst, sp.lengths)
+    native.copy_spans(sp.src, sp.dst, sp.lengths, within=[*tensors, buf])
     for i, b in enumerate(ids):
         assert buf[i * lay.block_bytes:(i + 1) * lay.block_bytes].tobytes() == reference_block(tensors, bd, b)
 
@@ -55,11 +55,11 @@ def test_round_trip_into_other_blocks_leaves_the_rest_untouched(name):
     buf = native.alloc_aligned(3 * lay.block_bytes)
     addrs = buf.ctypes.data + np.arange(3, dtype=np.uint64) * np.uint64(lay.block_bytes)
     sp = lay.spans(src, addrs, to_engine=False)
-    native.copy_spans(sp.src, sp.dst, sp.lengths)
+    native.copy_spans(sp.src, sp.dst, sp.lengths, within=[*tensors, buf])
     for t in tensors:                                              # poison destination pages
         t.select(bd, 1).view(torch.int16).fill_(-1)
     sp = lay.spans(dst, addrs, to_engine=True)
-    native.copy_spans(sp.src, sp.dst, sp.lengths)
+    native.copy_spans(sp.src, sp.dst, sp.lengths, within=[*tensors, buf])
     for t, t0 in zip(tensors, before):
         for s, d in zip(src, dst):
             assert torch.equal(t.select(bd, d).view(torch.int16), t0.select(bd, s).view(torch.int16))

@@ -85,11 +85,11 @@ def inject(monkeypatch, op: str, err: int, *, fd_filter=None, every: int = 1):
         return res
     spans, blocks = getattr(native, op + "_spans"), getattr(native, op + "_blocks")
 
-    def faulty_spans(fds, offsets, addrs, lengths, threads=None):
-        return fail(fds, spans(fds, offsets, addrs, lengths, threads).copy())
+    def faulty_spans(fds, offsets, addrs, lengths, threads=None, *, within=()):
+        return fail(fds, spans(fds, offsets, addrs, lengths, threads, within=within).copy())
 
-    def faulty_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len=0, threads=None):
-        res, crcs = blocks(fds, offsets, addrs, block_len, chunk_len, piece_len, threads)
+    def faulty_blocks(fds, offsets, addrs, block_len, chunk_len, piece_len=0, threads=None, *, within=()):
+        res, crcs = blocks(fds, offsets, addrs, block_len, chunk_len, piece_len, threads, within=within)
         return fail(fds, res.copy()), crcs
     monkeypatch.setattr(native, op + "_spans", faulty_spans)
     monkeypatch.setattr(native, op + "_blocks", faulty_blocks)

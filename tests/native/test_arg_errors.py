@@ -60,7 +60,7 @@ def test_argument_errors_are_formatted_and_name_the_argument(ops):
 
 @native_only
 def test_extension_and_reference_raise_the_same_errors():
-    _, calls = _bad_calls()
+    buf, calls = _bad_calls()          # buf must outlive the calls that point into it
     for name, args, _ in calls:
         assert _error(getattr(native, name), *args) == _error(getattr(numpy_ref, name), *args)
 

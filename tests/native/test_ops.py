@@ -40,6 +40,8 @@ def ops(request):
 
 
 def addr(a: np.ndarray) -> int:
+    """The array's address, registered for the native span ops while the array lives."""
+    native.ranges.register(a, owner="test buffer")
     return a.ctypes.data
 
 

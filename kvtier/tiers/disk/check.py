@@ -94,8 +94,9 @@ def _verify_batch(todo, g: SlotGeometry, bad) -> None:
     addrs = buf.ctypes.data + np.arange(n, dtype=np.uint64) * np.uint64(g.slot_bytes)
     lens = np.full(n, g.slot_bytes, dtype=np.uint64)
     res = native.pread_spans(np.array([fd for _, _, fd, _ in todo], dtype=np.int32),
-                              np.array([e.offset for _, e, _, _ in todo], dtype=np.int64), addrs, lens)
-    crcs = block_checksums(addrs, g.block_bytes)
+                              np.array([e.offset for _, e, _, _ in todo], dtype=np.int64), addrs, lens,
+                              within=[buf])
+    crcs = block_checksums(addrs, g.block_bytes, within=[buf])
     for j, (key, e, _, slot) in enumerate(todo):
         if res[j] != g.slot_bytes:
             bad("unreadable", f"{key.hex()}: slot {slot} unreadable ({int(res[j])})")

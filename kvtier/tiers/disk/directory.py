@@ -5,7 +5,8 @@ runs once, at open, and holds the directory's lock until the tier closes:
 
     DiskDirectory(...)  create the directory (or find it read-only) and flock
                         ``<dir>/LOCK``: a second process gets a ConfigError naming the holder
-    open_index          open the LMDB index; a damaged one is moved aside (``reset_index``)
+    open_index          open the LMDB index (walked in a child process first unless sealed
+                        intact, :mod:`.guard`); a damaged one is moved aside (``reset_index``)
     check_geometry      the slot layout recorded in the index must be this tier's
     scan                the blocks a previous process completed, with every entry that cannot
                         be right (other namespace, out of range, truncated slab, two entries
@@ -25,6 +26,7 @@ from collections import Counter
 from ...errors import ConfigError
 from .index import DiskIndex, IndexEntry, IndexFailure
 from .faults import DiskFaults
+from .guard import IndexGuard
 from .slabs import FORMAT_VERSION, SlabFiles, SlabSlots, SlotGeometry
 
 log = logging.getLogger("kvtier.tiers.disk")
@@ -77,15 +79,23 @@ class DiskDirectory:
             self.lock_fd = None
 
     def open_index(self) -> DiskIndex | None:
-        """The directory's index; None (reads turned off) where there is none to read."""
+        """The directory's index; None (reads turned off) where there is none to read.
+        An index not known intact is walked in a child process first (:mod:`.guard`)."""
         where = os.path.join(self.path, "index")
         if self.readonly and not os.path.exists(os.path.join(where, "data.mdb")):
             self.faults.off("reads", "no index in a read-only directory")
             return None
+        guard = IndexGuard(where, readonly=self.readonly)
+        why = guard.verdict()
+        if why is not None:
+            return self.reset_index(IndexFailure(f"disk index {where}: {why}"))
         try:
-            return DiskIndex(where, self.geometry.num_slots, readonly=self.readonly, sync=self.sync)
+            index = DiskIndex(where, self.geometry.num_slots, readonly=self.readonly, sync=self.sync,
+                              guard=guard)
         except IndexFailure as e:
             return self.reset_index(e)
+        guard.opened()
+        return index
 
     def reset_index(self, e: Exception) -> DiskIndex | None:
         """A damaged index: move it aside and start empty (its blocks are lost, never misread)."""
@@ -97,7 +107,10 @@ class DiskDirectory:
         os.replace(where, aside)
         self.faults.counts["index_resets"] += 1
         log.error("%s: index %s is damaged (%s); moved to %s, starting empty", self.name, where, e, aside)
-        return DiskIndex(where, self.geometry.num_slots, sync=self.sync)
+        guard = IndexGuard(where)
+        index = DiskIndex(where, self.geometry.num_slots, sync=self.sync, guard=guard)
+        guard.opened()
+        return index
 
     def check_geometry(self, index: DiskIndex, block_bytes: int, salt: bytes, label: str) -> None:
         """Record this tier's layout in a new index; refuse an index laid out for another."""

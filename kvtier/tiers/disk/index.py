@@ -65,9 +65,13 @@ class IndexFailure(TierIOError):
 class DiskIndex:
     """Thread-safe: write transactions are serialised by one lock."""
 
-    def __init__(self, path: str, num_slots: int, *, readonly: bool = False, sync: bool = False):
+    def __init__(self, path: str, num_slots: int, *, readonly: bool = False, sync: bool = False,
+                 guard=None):
+        """``guard``: an :class:`~.guard.IndexGuard` consulted before every read and write
+        (a change this process did not make is an IndexFailure, never a crash)."""
         lmdb = _lmdb()
         self.path = path
+        self.guard = guard
         self.readonly = readonly
         self._sync = sync
         self._lock = threading.Lock()
@@ -90,11 +94,17 @@ class DiskIndex:
         except lmdb.Error as e:
             raise IndexFailure(f"disk index {path}: {e}") from e
 
+    def _guarded(self) -> None:
+        why = self.guard.check() if self.guard is not None else None
+        if why:
+            raise IndexFailure(f"disk index {self.path}: {why}")
+
     # ---- meta -------------------------------------------------------------------
     # Every read turns lmdb's errors (MDB_CORRUPTED, MDB_PAGE_NOTFOUND, ...) into an
     # IndexFailure: a damaged index is a finding of `kvtier inspect --check`, not a crash.
     def get_meta(self, name: bytes) -> bytes | None:
         lmdb = _lmdb()
+        self._guarded()
         try:
             with self.env.begin(db=self._meta) as txn:
                 v = txn.get(name)
@@ -119,6 +129,7 @@ class DiskIndex:
 
     def namespaces(self) -> dict[bytes, str]:
         lmdb = _lmdb()
+        self._guarded()
         out = {}
         try:
             with self.env.begin(db=self._meta) as txn:
@@ -132,6 +143,7 @@ class DiskIndex:
     # ---- blocks -----------------------------------------------------------------
     def get_many(self, keys: Sequence[bytes]) -> list[IndexEntry | None]:
         lmdb = _lmdb()
+        self._guarded()
         try:
             with self.env.begin(db=self._blocks) as txn:
                 out = []
@@ -144,6 +156,7 @@ class DiskIndex:
 
     def items(self) -> Iterator[tuple[bytes, IndexEntry | None]]:
         lmdb = _lmdb()
+        self._guarded()
         try:
             with self.env.begin(db=self._blocks) as txn:
                 for k, v in txn.cursor():
@@ -153,6 +166,7 @@ class DiskIndex:
 
     def __len__(self) -> int:
         lmdb = _lmdb()
+        self._guarded()
         try:
             with self.env.begin() as txn:
                 return txn.stat(self._blocks)["entries"]
@@ -176,27 +190,39 @@ class DiskIndex:
             self._write(apply)
 
     def _write(self, fn) -> None:
-        lmdb = _lmdb()
         with self._lock:
-            for attempt in range(3):
-                try:
-                    with self.env.begin(write=True) as txn:
-                        fn(txn)
-                    break
-                except lmdb.MapFullError:
-                    if attempt == 2:
-                        raise IndexFailure(f"disk index {self.path}: map full at {self.map_size} bytes")
-                    self.map_size *= 2
-                    self.env.set_mapsize(self.map_size)
-                except lmdb.Error as e:
-                    raise IndexFailure(f"disk index {self.path}: {e}") from e
-            if self._sync:
-                try:
-                    self.env.sync(True)
-                except lmdb.Error as e:
-                    raise IndexFailure(f"disk index {self.path}: sync failed: {e}") from e
+            self._guarded()
+            if self.guard is not None:
+                self.guard.writing()
+            try:
+                self._write_locked(fn)
+            finally:
+                if self.guard is not None:
+                    self.guard.stamp()
+
+    def _write_locked(self, fn) -> None:
+        lmdb = _lmdb()
+        for attempt in range(3):
+            try:
+                with self.env.begin(write=True) as txn:
+                    fn(txn)
+                break
+            except lmdb.MapFullError:
+                if attempt == 2:
+                    raise IndexFailure(f"disk index {self.path}: map full at {self.map_size} bytes")
+                self.map_size *= 2
+                self.env.set_mapsize(self.map_size)
+            except lmdb.Error as e:
+                raise IndexFailure(f"disk index {self.path}: {e}") from e
+        if self._sync:
+            try:
+                self.env.sync(True)
+            except lmdb.Error as e:
+                raise IndexFailure(f"disk index {self.path}: sync failed: {e}") from e
 
     def close(self) -> None:
+        if self.guard is not None:
+            self.guard.close()
         try:
             self.env.close()
         except Exception:  # closing a broken environment must not raise

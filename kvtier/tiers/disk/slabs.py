@@ -46,7 +46,8 @@ SLAB_NAME = "slab-{:05d}.kvt"
 CHECK_CHUNK = 1 << 20
 
 
-def block_checksums(addrs: Sequence[int], block_bytes: int, threads: int | None = None) -> list[int]:
+def block_checksums(addrs: Sequence[int], block_bytes: int, threads: int | None = None, *,
+                    within=()) -> list[int]:
     """The checksum of each block: CRC32C over the CRC32Cs of its 1 MiB chunks.
 
     Chunks are checksummed in parallel on the native thread pool, so one large
@@ -58,7 +59,8 @@ def block_checksums(addrs: Sequence[int], block_bytes: int, threads: int | None 
     lens = np.minimum(np.uint64(block_bytes) - starts, np.uint64(CHECK_CHUNK)).astype(np.uint64)
     base = np.asarray(addrs, dtype=np.uint64)
     chunk_addrs = (base[:, None] + starts[None, :]).reshape(-1)
-    chunk_crcs = native.crc32c_spans(np.ascontiguousarray(chunk_addrs), np.tile(lens, len(base)), threads)
+    chunk_crcs = native.crc32c_spans(np.ascontiguousarray(chunk_addrs), np.tile(lens, len(base)), threads,
+                                     within=within)
     raw = np.ascontiguousarray(chunk_crcs, dtype="<u4").reshape(len(base), per)
     return [native.crc32c(row.tobytes()) for row in raw]
 
@@ -147,10 +149,10 @@ def probe_direct(path: str) -> str | None:
         buf = native.alloc_aligned(ALIGN)
         addr = np.array([buf.ctypes.data], dtype=np.uint64)
         n = np.array([ALIGN], dtype=np.uint64)
-        got = native.pwrite_spans(fd, np.zeros(1, dtype=np.int64), addr, n)
+        got = native.pwrite_spans(fd, np.zeros(1, dtype=np.int64), addr, n, within=[buf])
         if got[0] != ALIGN:
             return f"an aligned O_DIRECT write failed ({os.strerror(-int(got[0])) if got[0] < 0 else 'short'})"
-        got = native.pread_spans(fd, np.zeros(1, dtype=np.int64), addr, n)
+        got = native.pread_spans(fd, np.zeros(1, dtype=np.int64), addr, n, within=[buf])
         if got[0] != ALIGN:
             return f"an aligned O_DIRECT read failed ({os.strerror(-int(got[0])) if got[0] < 0 else 'short'})"
         return None

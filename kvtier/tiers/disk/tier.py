@@ -130,6 +130,7 @@ class DiskTier(Tier):
 
     # ---- the Tier contract --------------------------------------------------------
     def recover(self) -> list[tuple[bytes, int]]:
+        self._check_open("recover")
         out, self._recovered = self._recovered, []
         if out:
             log.info("%s: %d blocks found in %s", self.name, len(out), self.path)
@@ -142,17 +143,20 @@ class DiskTier(Tier):
         return self._slots.num_free
 
     def allocate(self, n: int) -> list[int] | None:
+        self._check_open("allocate")
         if self.writes_off is not None:
             return None
         return self._slots.allocate(n)
 
     def discard(self, keys: Sequence[bytes], slots: Sequence[int]) -> None:
+        self._check_open("discard")
         with self._lock:
             for k in keys:
                 self._deletes.add(k)
                 self._touches.pop(k, None)
 
     def write(self, keys: Sequence[bytes], slots: Sequence[int], srcs: Sequence[memoryview]) -> list[bool]:
+        self._check_open("write")
         n = len(keys)
         ok = [False] * n
         if n == 0:
@@ -195,11 +199,13 @@ class DiskTier(Tier):
         if not plan:
             self._counts["write_failures"] += n
             return ok
+        # the buffers of this call: the only memory its spans may touch (kvtier.native.ranges)
+        within = [(a, self.block_bytes) for a in addrs] + keep + ([tails] if tail else [])
         if tail or keep:                     # bounced or padded blocks: spans, then checksums
-            res = native.pwrite_spans(*plan.arrays(), self._threads(plan))
-            crcs = block_checksums(addrs, self.block_bytes, native.DEFAULT_THREADS)
+            res = native.pwrite_spans(*plan.arrays(), self._threads(plan), within=within)
+            crcs = block_checksums(addrs, self.block_bytes, native.DEFAULT_THREADS, within=within)
         else:                                # each block checksummed by the thread that writes it
-            res, sums = self._move_blocks(True, plan)
+            res, sums = self._move_blocks(True, plan, within)
             crcs = dict(zip(plan.block, sums.tolist()))
         good = self._faults.outcome(plan, res, "write")
         if self.durability != "none":
@@ -229,6 +235,7 @@ class DiskTier(Tier):
         return ok
 
     def read(self, keys: Sequence[bytes], slots: Sequence[int], dsts: Sequence[memoryview]) -> list[bool]:
+        self._check_open("read")
         n = len(keys)
         ok = [False] * n
         if n == 0 or self.reads_off is not None or self.index is None:
@@ -268,13 +275,14 @@ class DiskTier(Tier):
                 plan.add(i, e.slab, fd, e.offset + body, tails[i * tail:(i + 1) * tail].ctypes.data, tail)
         if not plan:
             return ok
+        within = [(address(d), d.nbytes) for d in dsts] + list(bounce.values()) + ([tails] if tail else [])
         if not tail and not bounce:          # each block checksummed by the thread that reads it
-            res, sums = self._move_blocks(False, plan)
+            res, sums = self._move_blocks(False, plan, within)
             good = self._faults.outcome(plan, res, "read")
             done = sorted(i for i, v in good.items() if v)
             crc_of = dict(zip(plan.block, sums.tolist()))
         else:                                # bounced or padded blocks: spans, copies, then checksums
-            res = native.pread_spans(*plan.arrays(), self._threads(plan))
+            res = native.pread_spans(*plan.arrays(), self._threads(plan), within=within)
             good = self._faults.outcome(plan, res, "read")
             rem = self.block_bytes - body
             done = sorted(i for i, v in good.items() if v)
@@ -284,7 +292,7 @@ class DiskTier(Tier):
                 if tail:
                     native.memcpy(dsts[i][body:], tails[i * tail:i * tail + rem])
             crc_of = dict(zip(done, block_checksums([address(dsts[i]) for i in done], self.block_bytes,
-                                                    native.DEFAULT_THREADS)))
+                                                    native.DEFAULT_THREADS, within=within)))
         for i in done:
             if crc_of[i] != entries[i].crc:
                 self._drop(keys[i], "corrupt_blocks", "checksum mismatch")
@@ -316,13 +324,13 @@ class DiskTier(Tier):
         """Spans in flight at once: the batch, up to twice io_threads (a block may be two spans)."""
         return max(1, min(len(plan), 2 * self.io_threads))
 
-    def _move_blocks(self, write: bool, plan: SpanBatch):
+    def _move_blocks(self, write: bool, plan: SpanBatch, within):
         """Whole page-aligned blocks (one span each) through the native checksummed I/O:
         (bytes moved or -errno, checksums) per span."""
         piece, threads = io_plan(len(plan), self.block_bytes, self.io_threads)
         fds, offs, addrs, _ = plan.arrays()
         move = native.pwrite_blocks if write else native.pread_blocks
-        return move(fds, offs, addrs, self.block_bytes, CHECK_CHUNK, piece, threads)
+        return move(fds, offs, addrs, self.block_bytes, CHECK_CHUNK, piece, threads, within=within)
 
     def _flush(self) -> None:
         """Commit pending discards and access times."""
@@ -338,6 +346,7 @@ class DiskTier(Tier):
 
     # ---- housekeeping --------------------------------------------------------------
     def check(self) -> dict:
+        self._check_open("check")
         from .check import verify
         if self.index is None:
             return {"ok": False, "problems": [self.reads_off or "no index"]}
@@ -363,13 +372,21 @@ class DiskTier(Tier):
         return d
 
     def close(self) -> None:
+        if self.closed:
+            return
+        super().close()
         if self.index is not None:
             try:
                 if self.writes_off is None:
                     self._flush()
             except TierIOError:
                 pass
-            self.index.close()
-            self.index = None
+            index, self.index = self.index, None
+            index.close()
+            if index.guard is not None and self.writes_off is None and self.reads_off is None:
+                try:
+                    index.guard.seal()        # the next open may trust the index without a walk
+                except OSError as e:
+                    log.warning("%s: could not seal the index (%s): the next open walks it", self.name, e)
         self._files.close()
         self._dir.release_lock()
