@@ -13,14 +13,26 @@ Measured in one run, on one device:
    against the torch reference so a fast wrong copy cannot pass;
 3. store and load at once, against the bidirectional peak;
 4. interference: the slowdown of a stream of large bf16 matmuls while each
-   mechanism copies continuously next to it.
+   mechanism copies continuously next to it;
+5. the vLLM-shaped cases of :mod:`kvtier.bench.gpu_vllm` (step hold-up by
+   stores, layer-wise loads against resident KV), run right after the peak.
 
 ``seconds`` is the median wall time of submit + completion, what a caller
-waits; ``device_gbps`` is the same copy timed with device events.
+waits; ``device_gbps`` is the same copy timed with device events.  Rows carry
+the batch path's record (``batch``: cudaMemcpyBatchAsync calls that worked,
+``batch_failures``).  The host arena is an mmap registered with
+cudaHostRegister (exactly its size; torch's pinned allocator would round it
+up to a power of two).
+
+A case that fails becomes a row with an ``error`` field and the suite goes
+on; rows are appended to ``--json`` as each case finishes, so a failure or a
+time limit never loses the rows before it (the peak first of all).
 Without CUDA the suite refuses with one line.
 """
 from __future__ import annotations
 
+import json
+import logging
 import statistics
 import threading
 import time
@@ -29,6 +41,8 @@ import numpy as np
 
 from .common import row
 from .kv_layouts import LAYOUTS, LLAMA_3_1_8B, make_kv
+
+log = logging.getLogger(__name__)
 
 SUITE = "gpu"
 PEAK_BYTES = 64 << 20
@@ -42,6 +56,7 @@ def add_arguments(p) -> None:
     p.add_argument("--repeat", type=int, default=10, help="timed transfers per case (median)")
     p.add_argument("--matmul", type=int, default=8192, help="matmul size for the interference cases (0: skip)")
     p.add_argument("--device", type=int, default=0)
+    p.add_argument("--vllm-steps", type=int, default=20, help="decode steps per vLLM-shaped timing (0: skip)")
 
 
 def _require_cuda():
@@ -135,13 +150,17 @@ def _block_bytes(tensors, block_dim) -> int:
     return sum(t.numel() // t.shape[block_dim] * t.element_size() for t in tensors)
 
 
+class CopyFailed(RuntimeError):
+    """A transfer of a benchmark case finished with ok=False."""
+
+
 def time_transfers(submit, repeat: int, warmup: int):
     """Median wall seconds of submit()+wait, median device seconds, mechanisms used."""
     for _ in range(warmup):
         t = submit()
         t.wait()
         if not t.ok:
-            raise RuntimeError(t.error)
+            raise CopyFailed(t.error)
     walls, devs, used = [], [], []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -149,30 +168,49 @@ def time_transfers(submit, repeat: int, warmup: int):
         t.wait()
         walls.append(time.perf_counter() - t0)
         if not t.ok:
-            raise RuntimeError(t.error)
+            raise CopyFailed(t.error)
         devs.append(t.seconds or 0.0)
         used.append(t.mechanism)
     return statistics.median(walls), statistics.median(devs), used
 
 
+def error_row(case: str, e: BaseException) -> dict:
+    """The row of a case that failed: the suite goes on without it."""
+    log.warning("bench gpu: %s failed: %s: %s", case, type(e).__name__, e)
+    return row(SUITE, case, 0, 0.0, None, error=f"{type(e).__name__}: {e}"[:500])
+
+
+def _batch_stats(copier) -> dict:
+    return {k: v for k, v in copier.stats().items() if k.startswith("batch")}
+
+
 def run_case(torch, case: Case, mechs, peak, repeat) -> list[dict]:
+    """Store and load rows per mechanism; a failing mechanism or direction is an error row."""
     from ..gpu.copier import KVCopier
     rows = []
     for mech in mechs:
-        copier = KVCopier(case.layout, mech)
+        try:
+            copier = KVCopier(case.layout, mech)       # compiles the kernel before any timing
+        except Exception as e:  # e.g. the kernel does not compile: the other mechanisms still run
+            rows.append(error_row(f"store/load {case.name} {mech}", e))
+            continue
         warm = 6 if mech == "auto" else 2          # auto: let every candidate be probed first
         for direction in ("store", "load"):
-            fn = copier.store if direction == "store" else copier.load
-            if direction == "store":
-                case.arena.fill_(0xA5)
-            wall, dev_s, used = time_transfers(lambda: fn(case.ids, case.addrs), repeat, warm)
-            ok = case.check_all(torch)
-            p = peak["d2h"] if direction == "store" else peak["h2d"]
-            spans = len(case.layout.spans(case.ids, case.addrs, direction == "load"))
-            rows.append(row(SUITE, f"{direction} {case.name} {mech}", case.nbytes, wall, p,
-                            device_gbps=round(case.nbytes / dev_s / 1e9, 3) if dev_s else None,
-                            blocks=len(case.ids), spans=spans, used=",".join(sorted(set(used))),
-                            verified=ok))
+            name = f"{direction} {case.name} {mech}"
+            try:
+                fn = copier.store if direction == "store" else copier.load
+                if direction == "store":
+                    case.arena.fill_(0xA5)
+                wall, dev_s, used = time_transfers(lambda: fn(case.ids, case.addrs), repeat, warm)
+                ok = case.check_all(torch)
+                p = (peak["d2h"] if direction == "store" else peak["h2d"]) if peak else None
+                spans = len(case.layout.spans(case.ids, case.addrs, direction == "load"))
+                rows.append(row(SUITE, name, case.nbytes, wall, p,
+                                device_gbps=round(case.nbytes / dev_s / 1e9, 3) if dev_s else None,
+                                blocks=len(case.ids), spans=spans, used=",".join(sorted(set(used))),
+                                verified=ok, **_batch_stats(copier)))
+            except Exception as e:
+                rows.append(error_row(name, e))
     return rows
 
 
@@ -189,8 +227,8 @@ def run_both(torch, case: Case, mechs, peak, repeat) -> list[dict]:
                                copier.load(case.ids[half:2 * half], case.addrs[half:2 * half]))
         wall, _, used = time_transfers(submit, repeat, 6 if mech == "auto" else 2)
         nbytes = 2 * half * case.layout.block_bytes
-        rows.append(row(SUITE, f"store+load {case.name} {mech}", nbytes, wall, peak["bidir"],
-                        blocks=2 * half, used=",".join(sorted(set(used)))))
+        rows.append(row(SUITE, f"store+load {case.name} {mech}", nbytes, wall, peak and peak["bidir"],
+                        blocks=2 * half, used=",".join(sorted(set(used))), **_batch_stats(copier)))
     return rows
 
 
@@ -202,8 +240,8 @@ class _Pair:
         self.mechanism = f"{a.mechanism}+{b.mechanism}"
         self.seconds = None
 
-    def wait(self) -> bool:
-        return self.a.wait() and self.b.wait()
+    def wait(self, timeout=None) -> bool:
+        return self.a.wait(timeout) and self.b.wait(timeout)
 
     @property
     def ok(self):
@@ -276,33 +314,81 @@ def run_interference(torch, dev, case: Case, mechs, peak, n: int, rounds: int = 
     return rows
 
 
+class Emitter:
+    """Rows as they come: appended to the JSON file at once, kept for the table at the end."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.rows: list[dict] = []
+
+    def __call__(self, rows) -> None:
+        rows = list(rows)
+        self.rows += rows
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+        for r in rows:
+            print(f"{r['case']}: " + (f"error {r['error']}" if "error" in r else
+                                      f"{r['gbps']} GB/s ratio {r['ratio']}"), flush=True)
+
+    def case(self, name: str, fn) -> None:
+        try:
+            self(fn())
+        except Exception as e:  # one failed case is a row, never the end of the suite
+            self([error_row(name, e)])
+
+
 def run(args) -> list[dict]:
     torch = _require_cuda()
     from ..gpu import cuda_copy
+    from .gpu_vllm import pinned_arena, run_vllm_cases
     dev = torch.device("cuda", args.device)
     torch.cuda.set_device(dev)
+    # the rows go to --json as each case ends; the command then only prints the table
+    out, args.json = Emitter(args.json), None
     mechs = [m for m in args.mechanisms.split(",") if m]
     if not cuda_copy.available():
         mechs = ["torch"]                   # CuPy missing: only the reference can run
     tokens = [int(x) for x in args.tokens.split(",") if x]
     layouts = [x for x in args.layouts.split(",") if x]
     batch = args.batch_mib << 20
-    peak = measure_peak(torch, dev)
-    rows = [row(SUITE, "peak h2d 64MiB", PEAK_BYTES, PEAK_BYTES / peak["h2d"] / 1e9, peak["h2d"]),
-            row(SUITE, "peak d2h 64MiB", PEAK_BYTES, PEAK_BYTES / peak["d2h"] / 1e9, peak["d2h"]),
-            row(SUITE, "peak both 2x64MiB", 2 * PEAK_BYTES, 2 * PEAK_BYTES / peak["bidir"] / 1e9, peak["bidir"])]
-    arena = torch.empty(batch + (64 << 20), dtype=torch.uint8, pin_memory=True)
-    for layout in layouts:
-        for tok in tokens:
-            case = Case(torch, dev, layout, tok, batch, arena, seed=tok)
-            rows += run_case(torch, case, mechs, peak, args.repeat)
-            if tok == max(tokens):
-                rows += run_both(torch, case, mechs, peak, args.repeat)
-            if args.matmul and layout == layouts[0] and tok == max(tokens):
-                rows += run_interference(torch, dev, case, mechs, peak, args.matmul)
-            del case
-            torch.cuda.empty_cache()
-    props = torch.cuda.get_device_properties(dev)
-    for r in rows:
-        r["gpu"] = props.name
-    return rows
+    gpu = {"gpu": torch.cuda.get_device_properties(dev).name}
+    peak = None
+    try:
+        peak = measure_peak(torch, dev)
+        out([dict(row(SUITE, "peak h2d 64MiB", PEAK_BYTES, PEAK_BYTES / peak["h2d"] / 1e9, peak["h2d"]), **gpu),
+             dict(row(SUITE, "peak d2h 64MiB", PEAK_BYTES, PEAK_BYTES / peak["d2h"] / 1e9, peak["d2h"]), **gpu),
+             dict(row(SUITE, "peak both 2x64MiB", 2 * PEAK_BYTES, 2 * PEAK_BYTES / peak["bidir"] / 1e9,
+                      peak["bidir"]), **gpu)])
+    except Exception as e:
+        out([error_row("peak", e)])
+    if args.vllm_steps:
+        for mech in [m for m in mechs if m in ("auto", "torch")] or mechs[:1]:
+            out.case(f"vllm {mech}", lambda: [dict(r, **gpu) for r in
+                                               run_vllm_cases(torch, dev, peak, steps=args.vllm_steps,
+                                                              mechanism=mech)])
+    arena, keep, pin = pinned_arena(torch, batch + (64 << 20))
+    try:
+        for layout in layouts:
+            for tok in tokens:
+                name = f"{layout} {tok}tok"
+                try:
+                    case = Case(torch, dev, layout, tok, batch, arena, seed=tok)
+                except Exception as e:
+                    out([error_row(name, e)])
+                    continue
+                tag = lambda rows: [dict(r, **gpu) for r in rows]
+                out.case(name, lambda c=case: tag(run_case(torch, c, mechs, peak, args.repeat)))
+                if tok == max(tokens):
+                    out.case(f"store+load {name}",
+                             lambda c=case: tag(run_both(torch, c, mechs, peak, args.repeat)))
+                if args.matmul and layout == layouts[0] and tok == max(tokens) and peak:
+                    out.case(f"interference {name}",
+                             lambda c=case: tag(run_interference(torch, dev, c, mechs, peak, args.matmul)))
+                case = None                 # frees its engine tensors before the next case
+                torch.cuda.empty_cache()
+    finally:
+        if pin is not None:
+            pin.close()
+    return out.rows

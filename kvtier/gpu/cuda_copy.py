@@ -21,9 +21,17 @@ events around the copy; completion is polled with ``cudaEventQuery`` and never
 blocks.  The engine's compute stream waits for a load with
 :meth:`CudaTransfer.wait_on_stream`, on the device, without a host sync.
 
+The kernel is compiled before the first transfer that may use it
+(:meth:`DeviceCopier.compile`), never between a transfer's timing events.
+Every span of a kernel transfer must be reachable from the device: every
+distinct allocation it touches is checked (:meth:`DeviceCopier.kernel_can_reach`).
+A batch call the runtime refuses falls back to one call per span; after
+``BATCH_GIVE_UP`` identical refusals in a row it is no longer tried, and
+``stats()`` reports ``batch`` (calls that worked) and ``batch_failures``.
+
 Without CuPy the module still imports (its numpy helpers are CPU code), the
 span copier falls back to torch, and an explicit dma or kernel raises
-MissingDependencyError naming the extra.
+MissingDependencyError naming the extra (``kvtier[cuda13]`` under CUDA 13).
 """
 from __future__ import annotations
 
@@ -34,12 +42,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .cudart import BatchMemcpy
 from ..errors import ConfigError, MissingDependencyError
 from ..extras import require
-from .transfer import Transfer
-from .cost import CostModel
 from ..layout import Spans
+from . import pinning
+from .cost import CostModel
+from .cudart import BatchMemcpy
+from .transfer import Transfer, failed
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +58,46 @@ _KIND_H2D, _KIND_DEFAULT = 1, 4
 _STREAM_NON_BLOCKING = 1
 _NOT_READY = 600
 _MEM_HOST, _MEM_DEVICE, _MEM_MANAGED = 1, 2, 3
+GRANULE_SHIFT = 21          # device allocations never share a 2 MiB page of address space with host memory
+BATCH_GIVE_UP = 3           # identical cudaMemcpyBatchAsync refusals in a row before it is no longer tried
 SOURCE = Path(__file__).resolve().with_name("kv_copy.cu")   # package data
 
 
-def _cupy():
-    return require("cupy", "copying KV pages with CUDA DMA or kernels")
+def cuda_extra() -> str:
+    """The kvtier extra that brings the CuPy build for torch's CUDA: cuda13 under CUDA 13."""
+    try:
+        import torch
+        major = int((torch.version.cuda or "12").split(".")[0])
+    except (ImportError, ValueError):
+        major = 12
+    return "cuda13" if major >= 13 else "cuda"
+
+
+def require_cupy():
+    """CuPy, or MissingDependencyError naming the extra for this CUDA version."""
+    needed_for = "copying KV pages with CUDA DMA or kernels"
+    try:
+        return require("cupy", needed_for)
+    except MissingDependencyError as e:
+        raise MissingDependencyError("cupy", cuda_extra(), needed_for) from e
+
+
+
+def contiguous_ranges(addrs: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First and last byte of each maximal run of touching or overlapping spans."""
+    order = np.argsort(addrs, kind="stable")
+    a = addrs[order].astype(np.uint64)
+    end = np.maximum.accumulate(a + lengths[order].astype(np.uint64))
+    brk = a[1:] > end[:-1]
+    starts = a[np.concatenate(([True], brk))]
+    lasts = end[np.concatenate((brk, [True]))] - np.uint64(1)
+    return starts, lasts
 
 
 def available() -> bool:
     """CuPy imports and sees at least one CUDA device."""
     try:
-        cupy = _cupy()
+        cupy = require_cupy()
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:  # no CuPy, no driver, no device: all mean "not here"
         return False
@@ -161,7 +199,7 @@ class DeviceCopier:
     """Streams, compiled kernels and the batch-copy entry point for one device."""
 
     def __init__(self, index: int):
-        cupy = _cupy()
+        cupy = require_cupy()
         self.cupy = cupy
         self.rt = cupy.cuda.runtime
         self.index = index
@@ -170,34 +208,76 @@ class DeviceCopier:
             self.sm_count = self.rt.getDeviceProperties(index)["multiProcessorCount"]
         self.kernel_blocks = self.sm_count
         self._module = None
-        self._lock = threading.Lock()
-        self.batch = BatchMemcpy.load()
-        self.batch_failures = 0
+        self._functions: dict = {}
+        self._lock = threading.Lock()            # compilation
+        self._submit_lock = threading.Lock()     # one transfer's stream operations at a time
+        self.batch_memcpy = BatchMemcpy.load()
+        self.num_batch = 0                       # cudaMemcpyBatchAsync calls that worked
+        self.batch_failures = 0                  # ... and that the runtime refused
+        self.batch_disabled = False
+        self._batch_last = (None, 0)             # (last refusal status, refusals in a row)
+        self._device_granules: set[int] = set()  # 2 MiB pages known to hold device memory
+        self.num_pointer_queries = 0
         self.cost = CostModel(("dma", "kernel"))
         log.debug("cuda:%d: %d SMs, cudaMemcpyBatchAsync %s", index, self.sm_count,
-                  f"(runtime {self.batch.version})" if self.batch else "unavailable")
+                  f"(runtime {self.batch_memcpy.version})" if self.batch_memcpy else "unavailable")
 
-    def _kernel(self, name: str):
+    # ---- kernels -----------------------------------------------------------------------
+    def compile(self, name: str = "kvtier_copy_chunks"):
+        """The compiled kernel ``name`` (NVRTC on first use; CuPy caches it on disk)."""
         with self._lock:
-            if self._module is None:
-                self._module = self.cupy.RawModule(code=SOURCE.read_text(), options=("-std=c++17",))
-            return self._module.get_function(name)
+            fn = self._functions.get(name)
+            if fn is None:
+                if self._module is None:
+                    with self.cupy.cuda.Device(self.index):
+                        self._module = self.cupy.RawModule(code=SOURCE.read_text(), options=("-std=c++17",))
+                fn = self._functions[name] = self._module.get_function(name)
+            return fn
 
-    def _reachable(self, addr: int) -> bool:
+    def _kind(self, addr: int) -> str | None:
+        """"device" (or managed), "mapped" (pinned host memory at the same address), else None."""
+        self.num_pointer_queries += 1
         try:
             a = self.rt.pointerGetAttributes(int(addr))
         except self.rt.CUDARuntimeError:
-            return False
+            return None
         if a.type in (_MEM_DEVICE, _MEM_MANAGED):
-            return True
-        return a.type == _MEM_HOST and a.devicePointer == int(addr)
+            return "device"
+        return "mapped" if a.type == _MEM_HOST and a.devicePointer == int(addr) else None
+
+    def _reach_all(self, points: np.ndarray) -> bool:
+        if points.size and self._device_granules:
+            known = np.fromiter(self._device_granules, dtype=np.uint64)
+            points = points[~np.isin(points >> np.uint64(GRANULE_SHIFT), known)]
+        for a in points.tolist():
+            g = a >> GRANULE_SHIFT
+            if g in self._device_granules:
+                continue
+            kind = self._kind(a)
+            if kind == "device":
+                self._device_granules.add(g)
+            elif kind != "mapped":
+                return False
+        return True
 
     def kernel_can_reach(self, spans: Spans) -> bool:
-        """Both ends of the spans are device memory or pinned, mapped host memory."""
+        """Every byte the spans touch is device memory or pinned, mapped host memory.
+
+        Each side is cut into maximal contiguous ranges, and the first and last
+        byte of every range is checked, so every distinct allocation is asked
+        about, not only the first and last span's.  Ranges inside memory this
+        process pinned (:mod:`kvtier.gpu.pinning`) and 2 MiB pages already
+        seen to be device memory need no call.
+        """
         if len(spans) == 0:
             return True
-        ends = {int(spans.src[0]), int(spans.dst[0]), int(spans.src[-1]), int(spans.dst[-1])}
-        return all(self._reachable(a) for a in ends)
+        for side in (spans.src, spans.dst):
+            starts, lasts = contiguous_ranges(side, spans.lengths)
+            pts = np.unique(np.concatenate((starts, lasts)))
+            pts = pts[~pinning.covered(pts)]
+            if not self._reach_all(pts):
+                return False
+        return True
 
     def submit(self, spans: Spans, mechanism: str, direction: str, after: int | None) -> Transfer:
         """Queue the copy on the direction's stream, after the ``after`` stream's current work."""
@@ -209,7 +289,11 @@ class DeviceCopier:
         keep: tuple = (spans,)
         start = end = None
         try:
-            with self.cupy.cuda.Device(self.index):
+            fn = self.compile() if mechanism == "kernel" else None    # before the start event
+        except Exception as e:  # NVRTC or the driver refused the module: a failed transfer
+            return failed(mechanism, spans.nbytes, len(spans), f"{type(e).__name__}: {e}")
+        try:
+            with self._submit_lock, self.cupy.cuda.Device(self.index):
                 if after is not None:
                     ready = rt.eventCreateWithFlags(2)      # ordering only: no timing
                     rt.eventRecord(ready, after)
@@ -218,36 +302,52 @@ class DeviceCopier:
                 start, end = rt.eventCreate(), rt.eventCreate()
                 rt.eventRecord(start, stream.ptr)
                 if len(spans):
-                    keep = self._dma(spans, stream) if mechanism == "dma" else self._launch(spans, stream)
+                    keep = self._dma(spans, stream) if mechanism == "dma" else self._launch(spans, stream, fn)
                 rt.eventRecord(end, stream.ptr)
         except Exception as e:  # the boundary: a CUDA error is a failed transfer, not a crash
-            t = Transfer(mechanism, spans.nbytes, len(spans))
             for ev in (start, end):
                 if ev is not None:
                     rt.eventDestroy(ev)
-            t.finish(False, error=f"{type(e).__name__}: {e}")
-            return t
+            return failed(mechanism, spans.nbytes, len(spans), f"{type(e).__name__}: {e}")
         return CudaTransfer(mechanism, spans, rt, start, end, keep)
 
     def _dma(self, spans: Spans, stream) -> tuple:
         src = np.ascontiguousarray(spans.src, dtype=np.uint64)
         dst = np.ascontiguousarray(spans.dst, dtype=np.uint64)
         lens = np.ascontiguousarray(spans.lengths, dtype=np.uint64)
-        if self.batch is not None and lens.size > 1:
-            status = self.batch(dst, src, lens, stream.ptr)
+        if self.batch_memcpy is not None and not self.batch_disabled and lens.size > 1:
+            status = self.batch_memcpy(dst, src, lens, stream.ptr)
             if status == 0:
+                self.num_batch += 1
+                self._batch_last = (None, 0)
                 return (src, dst, lens)
             # re-issuing every span below is safe: the copies are idempotent
-            self.batch_failures += 1
-            if self.batch_failures == 1:
-                log.warning("cuda:%d: cudaMemcpyBatchAsync failed (error %d); this transfer and any "
-                            "other it refuses go through cudaMemcpyAsync per span", self.index, status)
+            self._batch_refused(status)
         memcpy = self.rt.memcpyAsync
         for s, d, n in zip(src.tolist(), dst.tolist(), lens.tolist()):
             memcpy(d, s, n, _KIND_DEFAULT, stream.ptr)
         return (src, dst, lens)
 
-    def _launch(self, spans: Spans, stream) -> tuple:
+    def _batch_refused(self, status: int) -> None:
+        self.batch_failures += 1
+        last, run = self._batch_last
+        run = run + 1 if status == last else 1
+        self._batch_last = (status, run)
+        if self.batch_failures == 1:
+            log.warning("cuda:%d: cudaMemcpyBatchAsync failed (error %d); this transfer goes through "
+                        "cudaMemcpyAsync per span", self.index, status)
+        if run >= BATCH_GIVE_UP:
+            self.batch_disabled = True
+            log.warning("cuda:%d: cudaMemcpyBatchAsync refused %d times in a row with error %d: "
+                        "no longer tried; every DMA transfer goes span by span", self.index, run, status)
+
+    def stats(self) -> dict:
+        """The batch path's record, for benchmark rows and the device check's environment file."""
+        return {"batch": self.num_batch, "batch_failures": self.batch_failures,
+                "batch_disabled": self.batch_disabled,
+                "batch_runtime": getattr(self.batch_memcpy, "version", None)}
+
+    def _launch(self, spans: Spans, stream, fn) -> tuple:
         table = chunk_table(spans)
         n = table.size // 3
         host = self.cupy.cuda.alloc_pinned_memory(table.nbytes)
@@ -256,27 +356,9 @@ class DeviceCopier:
         dev = self.cupy.cuda.alloc(table.nbytes)
         self.rt.memcpyAsync(dev.ptr, hv.ctypes.data, table.nbytes, _KIND_H2D, stream.ptr)
         grid = max(1, min(n, self.kernel_blocks))
-        fn = self._kernel("kvtier_copy_chunks")
         with stream:                        # CuPy launches on its current stream
             fn((grid,), (THREADS,), (np.uint64(dev.ptr), np.uint64(n)))
         return (host, dev, spans)
-
-    def copy_spans_sync(self, spans: Spans, mechanism: str = "auto") -> None:
-        """Copy and wait: ordered after torch's current stream (the synchronous span copier)."""
-        import torch
-        key = None
-        if mechanism == "auto":
-            key = self.cost.bucket("copy", spans.nbytes, len(spans))
-            mechanism = self.cost.choose(key)
-            if mechanism == "kernel" and not self.kernel_can_reach(spans):
-                mechanism = "dma"
-        t = self.submit(spans, mechanism, "store", torch.cuda.current_stream(self.index).cuda_stream)
-        t.wait()
-        if not t.ok:
-            from ..errors import TierIOError
-            raise TierIOError(f"cuda:{self.index} copy failed: {t.error}")
-        if key is not None and t.seconds:
-            self.cost.record(key, t.mechanism, t.nbytes, t.seconds)
 
 
 _DEVICES: dict[int, DeviceCopier] = {}
@@ -290,35 +372,3 @@ def device_copier(index: int) -> DeviceCopier:
         if c is None:
             c = _DEVICES[index] = DeviceCopier(index)
         return c
-
-
-def span_copier():
-    """The synchronous copier that :func:`kvtier.gpu.span_copy.copy_spans` routes CUDA spans to.
-
-    With CuPy: DMA or kernels, chosen per transfer by measured cost.  Without
-    it (AUTO falls back quietly): the torch reference, one copy per span, with
-    each side's memory identified by the CUDA runtime.  Neither: an error that
-    names the extra to install.
-    """
-    import torch
-    if available():
-        def copy(spans: Spans) -> None:
-            device_copier(torch.cuda.current_device()).copy_spans_sync(spans)
-    else:
-        from .cudart import PointerKinds
-        from .torch_ref import copy_spans_torch
-        kinds = PointerKinds.load()
-        if kinds is None:
-            _cupy()                                   # raises MissingDependencyError naming kvtier[cuda]
-            raise MissingDependencyError("cupy", "cuda", "copying KV pages between CUDA tensors and host memory")
-        log.info("CuPy is not installed: CUDA span copies go through torch, one copy per span "
-                 "(pip install 'kvtier[cuda]' for batched DMA and copy kernels)")
-
-        def where(addr) -> str:
-            kind, ordinal = kinds(int(addr))
-            return "cpu" if kind == "host" else f"cuda:{ordinal}"
-
-        def copy(spans: Spans) -> None:
-            if len(spans):
-                copy_spans_torch(spans, where(spans.src[0]), where(spans.dst[0]))
-    return copy

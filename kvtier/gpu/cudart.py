@@ -4,8 +4,11 @@ Two entry points CuPy does not wrap, or that must work without it:
 
     BatchMemcpy.load()     cudaMemcpyBatchAsync (CUDA 12.8+; 12.x takes a
                            ``failIdx`` argument that 13.0 dropped)
-    pointer_kind(addr)     cudaPointerGetAttributes: "host" (pinned or
+    PointerKinds.load()    cudaPointerGetAttributes: "host" (pinned or
                            pageable), "device" (with its ordinal) or "managed"
+    HostRegistration.load()
+                           cudaHostRegister / Unregister / GetFlags, used by
+                           :mod:`kvtier.gpu.pinning`
 
 The library is the ``libcudart.so`` this process has mapped (torch's) when
 there is one, so errors it records are the ones torch would see next: every
@@ -88,11 +91,19 @@ class BatchMemcpy:
 
 
 class _PointerAttributes(ctypes.Structure):
+    """cudaPointerAttributes, with headroom.
+
+    CUDA 11-12 define 24 bytes; 13.0 appends ``long reserved[8]`` (88 bytes) and
+    the runtime writes all of them.  The padding leaves room for a later
+    runtime that grows the struct again: a short buffer here is a heap overflow.
+    """
     _fields_ = [("type", ctypes.c_int), ("device", ctypes.c_int),
-                ("devicePointer", ctypes.c_void_p), ("hostPointer", ctypes.c_void_p)]
+                ("devicePointer", ctypes.c_void_p), ("hostPointer", ctypes.c_void_p),
+                ("reserved", ctypes.c_long * 8), ("_headroom", ctypes.c_long * 24)]
 
 
 _KINDS = {0: "host", 1: "host", 2: "device", 3: "managed"}   # 0: unregistered (pageable) host memory
+MEMORY_UNREGISTERED, MEMORY_HOST, MEMORY_DEVICE, MEMORY_MANAGED = 0, 1, 2, 3
 
 
 class PointerKinds:
@@ -109,12 +120,85 @@ class PointerKinds:
         lib = _cudart(path)
         return cls(lib) if lib is not None and hasattr(lib, "cudaPointerGetAttributes") else None
 
-    def __call__(self, addr: int) -> tuple[str, int | None]:
-        """("host", None), ("device", ordinal) or ("managed", ordinal); OSError if the runtime refuses."""
+    def attributes(self, addr: int) -> _PointerAttributes:
+        """The runtime's cudaPointerAttributes of ``addr``; OSError if it refuses."""
         a = _PointerAttributes()
         status = self._fn(ctypes.addressof(a), ctypes.c_void_p(int(addr)))
         if status != 0:
             self._clear()
             raise OSError(f"cudaPointerGetAttributes({int(addr):#x}) returned error {status}")
+        return a
+
+    def __call__(self, addr: int) -> tuple[str, int | None]:
+        """("host", None), ("device", ordinal) or ("managed", ordinal); OSError if the runtime refuses."""
+        a = self.attributes(addr)
         kind = _KINDS.get(a.type, "host")
         return kind, (None if kind == "host" else a.device)
+
+
+HOST_REGISTER_PORTABLE, HOST_REGISTER_MAPPED = 0x01, 0x02
+ERROR_MEMORY_ALLOCATION, ERROR_ALREADY_REGISTERED, ERROR_NOT_REGISTERED = 2, 712, 713
+
+
+class HostRegistration:
+    """cudaHostRegister / cudaHostUnregister / cudaHostGetFlags, and the device count.
+
+    Every call returns the runtime's status (0: success) and leaves no error
+    behind for the next launch check of whoever shares the runtime.
+    """
+
+    def __init__(self, lib: ctypes.CDLL):
+        p, u, s = ctypes.c_void_p, ctypes.c_uint, ctypes.c_size_t
+        self._register = self._bind(lib.cudaHostRegister, [p, s, u])
+        self._unregister = self._bind(lib.cudaHostUnregister, [p])
+        self._flags = self._bind(lib.cudaHostGetFlags, [p, p])
+        self._count = self._bind(lib.cudaGetDeviceCount, [p])
+        self._clear = lib.cudaGetLastError
+        self.kinds = PointerKinds(lib)
+
+    @staticmethod
+    def _bind(fn, argtypes):
+        fn.restype = ctypes.c_int
+        fn.argtypes = argtypes
+        return fn
+
+    @classmethod
+    def load(cls, path: str | None = None) -> "HostRegistration | None":
+        lib = _cudart(path)
+        need = ("cudaHostRegister", "cudaHostUnregister", "cudaHostGetFlags", "cudaGetDeviceCount")
+        return cls(lib) if lib is not None and all(hasattr(lib, n) for n in need) else None
+
+    def _status(self, status: int) -> int:
+        if status != 0:
+            self._clear()
+        return status
+
+    def device_count(self) -> int:
+        n = ctypes.c_int(0)
+        return n.value if self._status(self._count(ctypes.byref(n))) == 0 else 0
+
+    def register(self, addr: int, nbytes: int, flags: int) -> int:
+        return self._status(self._register(ctypes.c_void_p(addr), nbytes, flags))
+
+    def unregister(self, addr: int) -> int:
+        return self._status(self._unregister(ctypes.c_void_p(addr)))
+
+    def flags(self, addr: int) -> int | None:
+        """The flags ``addr`` was registered with; None if it is not registered host memory."""
+        f = ctypes.c_uint(0)
+        return f.value if self._status(self._flags(ctypes.byref(f), ctypes.c_void_p(addr))) == 0 else None
+
+    def is_pinned(self, addr: int) -> bool:
+        """cudaPointerGetAttributes calls ``addr`` registered (or allocated pinned) host memory."""
+        try:
+            return self.kinds.attributes(addr).type == MEMORY_HOST
+        except OSError:
+            return False
+
+    def same_address(self, addr: int) -> bool:
+        """Pinned host memory the device reaches at the host's own address (what a kernel needs)."""
+        try:
+            a = self.kinds.attributes(addr)
+        except OSError:
+            return False
+        return a.type == MEMORY_HOST and a.devicePointer == addr

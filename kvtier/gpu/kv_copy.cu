@@ -17,7 +17,7 @@
 // per thread so that reads across PCIe overlap their latency.  Streaming cache
 // hints keep copied pages from evicting the model's working set from L2.
 //
-// Compiled at run time through NVRTC (kvtier/_cuda.py) and, in CI, with nvcc
+// Compiled at run time through NVRTC (kvtier/gpu/cuda_copy.py) and, in CI, with nvcc
 // for sm_90: no header beyond the compiler's built-ins may be included.
 
 typedef unsigned long long kv_u64;

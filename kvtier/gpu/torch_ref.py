@@ -97,19 +97,22 @@ def _slots(addrs, nbytes: int, device) -> list[torch.Tensor]:
     return [buffer_tensor(int(a), nbytes, device) for a in np.asarray(addrs, dtype=np.uint64)]
 
 
-def store(layout, block_ids, slot_addrs, buffer_device="cpu") -> None:
-    """Copy blocks ``block_ids`` out of the engine pages into the buffers at ``slot_addrs``."""
+def store(layout, block_ids, slot_addrs, buffer_device="cpu", sync: bool = True) -> None:
+    """Copy blocks ``block_ids`` out of the engine pages into the buffers at ``slot_addrs``.
+
+    ``sync``: wait for the device before returning (False: the caller synchronises the
+    current stream, e.g. a transfer thread on its side stream)."""
     ids = layout.check_block_ids(block_ids)
     if ids.size == 0:
         return
     data = gather_blocks(layout.tensors, layout.block_dim, ids)
     for i, buf in enumerate(_slots(slot_addrs, layout.block_bytes, buffer_device)):
         buf.copy_(data[i])
-    if data.is_cuda:
+    if sync and data.is_cuda:
         torch.cuda.synchronize(data.device)
 
 
-def load(layout, block_ids, slot_addrs, buffer_device="cpu") -> None:
+def load(layout, block_ids, slot_addrs, buffer_device="cpu", sync: bool = True) -> None:
     """Copy the buffers at ``slot_addrs`` into the engine pages of blocks ``block_ids``."""
     ids = layout.check_block_ids(block_ids)
     if ids.size == 0:
@@ -117,7 +120,7 @@ def load(layout, block_ids, slot_addrs, buffer_device="cpu") -> None:
     bufs = _slots(slot_addrs, layout.block_bytes, buffer_device)
     data = torch.stack(bufs) if len(bufs) > 1 else bufs[0].reshape(1, -1)
     scatter_blocks(layout.tensors, layout.block_dim, ids, data)
-    if layout.tensors[0].is_cuda:
+    if sync and layout.tensors[0].is_cuda:
         torch.cuda.synchronize(layout.tensors[0].device)
 
 

@@ -1,8 +1,24 @@
-"""Handles of submitted KV copies: a Transfer completes exactly once, polled
-with ``done()``; a LayerwiseLoad is one Transfer per layer of the same batch."""
+"""Handles of submitted KV copies.
+
+    t = copier.store(...)        # a Transfer, returned before any byte moves
+    t.done()                     # poll: never blocks
+    t.wait(timeout)              # block the host until done (True) or timeout (False)
+    t.ok, t.error                # after done: True, or False with the reason
+    t.wait_on_stream(stream)     # order a CUDA stream after the copy (CPU: blocks the host)
+
+    lw = copier.load_layers(...) # a LayerwiseLoad: one Transfer per layer, in layer order
+    lw.wait_for_layer(i)         # layer i's bytes are in place for what comes next
+
+A Transfer completes exactly once.  A copy that fails completes with
+``ok=False`` and an ``error`` string; no method here raises because a copy
+failed.  A :class:`Transfer` is completed by whoever runs the copy (a host
+transfer thread, or the submitter when the copy failed before it started);
+:class:`kvtier.gpu.cuda_copy.CudaTransfer` completes by polling its end event.
+"""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Sequence
 
@@ -10,10 +26,10 @@ log = logging.getLogger("kvtier.gpu.copier")
 
 
 class Transfer:
-    """One submitted copy: completes exactly once, polled with ``done()``.
+    """One submitted copy: ``ok`` is None while running, then True or False (``error`` says why).
 
-    ``ok`` is None while running, then True or False (``error`` says why).
-    ``seconds`` is the measured copy time once done (device time on CUDA).
+    ``seconds`` is the measured copy time once done (device time on CUDA,
+    thread time on the host).
     """
 
     def __init__(self, mechanism: str, nbytes: int, num_spans: int):
@@ -24,27 +40,47 @@ class Transfer:
         self.error: str | None = None
         self.seconds: float | None = None
         self.on_done = None
+        self._event = threading.Event()
 
     def done(self) -> bool:
         return self.ok is not None
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self.done()
+        """Block until the copy is done; False if ``timeout`` seconds passed first."""
+        return self._event.wait(timeout)
 
     def wait_on_stream(self, stream=None) -> None:
-        """Make ``stream`` (default: the compute stream) wait for this copy; no-op on CPU."""
+        """Order ``stream`` after this copy.  A host copy has no event a stream could wait
+        on, so the host waits for it instead (it returns once the bytes are in place)."""
+        self.wait()
 
     def finish(self, ok: bool, seconds: float | None = None, error: str | None = None) -> None:
         """Complete the transfer once (later calls are ignored) and run ``on_done`` if set;
         called by the mechanism that ran the copy."""
         if self.ok is not None:
             return
-        self.seconds, self.error, self.ok = seconds, error, ok
+        self.seconds, self.error = seconds, error
         if not ok:
             log.warning("kv copy (%s, %d bytes) failed: %s", self.mechanism, self.nbytes, error)
         cb, self.on_done = self.on_done, None
         if cb is not None:
-            cb(self)
+            try:
+                cb(self, ok)
+            except Exception:      # a bookkeeping hook must not turn a copy into a failure
+                log.exception("kv copy completion hook failed")
+        self.ok = ok
+        self._event.set()
+
+    def __repr__(self) -> str:
+        state = {None: "running", True: "ok", False: f"failed: {self.error}"}[self.ok]
+        return f"<Transfer {self.mechanism} {self.nbytes} bytes {state}>"
+
+
+def failed(mechanism: str, nbytes: int, num_spans: int, error: str) -> Transfer:
+    """A transfer that failed before it started."""
+    t = Transfer(mechanism, nbytes, num_spans)
+    t.finish(False, error=error)
+    return t
 
 
 class LayerwiseLoad:
@@ -52,20 +88,27 @@ class LayerwiseLoad:
 
     def __init__(self, transfers: Sequence[Transfer]):
         self.layers = list(transfers)
+        self.nbytes = sum(t.nbytes for t in self.layers)
 
     def layer_done(self, layer: int) -> bool:
         return self.layers[layer].done()
 
     def wait_for_layer(self, layer: int, stream=None) -> bool:
-        """Order the compute stream after layer ``layer``'s copy (CPU: already done).
+        """Make what runs next see layer ``layer``'s bytes.
 
-        Returns False if that layer's copy failed: the engine must recompute.
+        CUDA: ``stream`` (default: the compute stream) waits for the layer's
+        event on the device; the host does not block.  Host copies: the host
+        blocks until the layer's copy is done.  Returns False if the copy
+        failed (as far as is known now): the engine must recompute.
         """
         t = self.layers[layer]
-        if t.ok is False:
-            return False
         t.wait_on_stream(stream)
         return t.ok is not False
+
+    def wait_on_stream(self, stream=None) -> None:
+        """Order ``stream`` after every layer (the host waits for host copies)."""
+        for t in self.layers:
+            t.wait_on_stream(stream)
 
     def done(self) -> bool:
         return all(t.done() for t in self.layers)
@@ -80,6 +123,16 @@ class LayerwiseLoad:
 
     @property
     def ok(self) -> bool | None:
+        """False once any layer failed; True when every layer succeeded; else None."""
         if any(t.ok is False for t in self.layers):
             return False
         return True if all(t.ok for t in self.layers) else None
+
+    @property
+    def error(self) -> str | None:
+        return next((f"layer {i}: {t.error}" for i, t in enumerate(self.layers) if t.ok is False), None)
+
+    @property
+    def seconds(self) -> float | None:
+        s = [t.seconds for t in self.layers]
+        return None if any(x is None for x in s) else sum(s)

@@ -33,7 +33,7 @@ def build_tiers(cfg: KVTierConfig, namespace: Namespace, block_bytes: int, *,
     if cfg.gpu is not None:
         from .gpu import GpuTier
         tiers.append(GpuTier("gpu", block_bytes, _slots("gpu.capacity_bytes", cfg.gpu.capacity_bytes, block_bytes),
-                             device=cfg.gpu.device))
+                             device=cfg.gpu.device, mechanism=cfg.gpu.mechanism))
         policies.append(cfg.gpu.policy)
     memory = {"auto": "auto", "on": "pinned", "off": "pageable"}[cfg.host.pinned]
     slot = round_up(block_bytes, SLOT_ALIGN)

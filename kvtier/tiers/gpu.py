@@ -2,10 +2,13 @@
 
 For custom serving stacks that keep more KV on the GPU than the engine's own
 paged cache: blocks move engine pages <-> pool slots as device-to-device
-copies (``addresses()`` gives device pointers, so the span copiers of
-:mod:`kvtier.gpu.copier` serves it like any other
-addressable tier), and the cache demotes evicted blocks to the host tier and
-promotes hits back through its staging pool (``read``/``write`` below).
+copies (``addresses()`` gives device pointers, so
+:class:`~kvtier.gpu.copier.KVCopier` serves it like any other addressable
+tier, with ``buffer_device`` the pool's device and ``mechanism`` this tier's),
+and the cache demotes evicted blocks to the host tier and promotes hits back
+through its staging pool (``read``/``write`` below).  Those move a whole batch
+of slots in one transfer of the same copier: the pool is itself a block
+layout (one page per slot), the staging buffers are its slot buffers.
 
 The pool is one allocation made at construction.  ``device`` is a CUDA
 ordinal, a ``"cuda:N"`` string, or ``"cpu"``: a CPU tensor stands in for HBM
@@ -19,12 +22,13 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ConfigError, KVTierError, TierIOError
-from ..layout import round_up
+from ..layout import BlockLayout, round_up
 from .base import Tier
 
 log = logging.getLogger(__name__)
 
 SLOT_ALIGN = 256          # every slot starts 16-byte (vector) and 256-byte (DMA) aligned
+MECHANISMS = ("auto", "dma", "kernel")
 
 
 def _device(name: str, device):
@@ -51,10 +55,13 @@ class GpuTier(Tier):
     medium = "gpu"
     addressable = True
 
-    def __init__(self, name: str, block_bytes: int, num_slots: int, device=0):
+    def __init__(self, name: str, block_bytes: int, num_slots: int, device=0, mechanism: str = "auto"):
         super().__init__(name, block_bytes, num_slots)
         import torch
+        if mechanism not in MECHANISMS:
+            raise ConfigError(f"{name}.mechanism", mechanism, "one of " + ", ".join(MECHANISMS))
         self.device = _device(name, device)
+        self.mechanism = mechanism if self.device.type == "cuda" else "auto"
         self.slot_bytes = round_up(block_bytes, SLOT_ALIGN)
         nbytes = self.slot_bytes * num_slots
         try:
@@ -66,6 +73,7 @@ class GpuTier(Tier):
         self.tensor = raw[skew:skew + nbytes]
         self._base = self.tensor.data_ptr()
         self._host = self.tensor.numpy() if self.device.type == "cpu" else None
+        self._copier = None
         log.debug("%s: %d slots of %d bytes on %s", name, num_slots, self.slot_bytes, self.device)
 
     # ---- addressing --------------------------------------------------------------------
@@ -98,42 +106,58 @@ class GpuTier(Tier):
         return memoryview(self._host[off:off + self.block_bytes])
 
     # ---- bytes from and to host buffers (demotion, promotion) ---------------------------
-    def write(self, keys, slots, srcs) -> list[bool]:
-        import torch
-        try:
-            for slot, src in zip(slots, srcs):
-                host = np.frombuffer(src, dtype=np.uint8, count=self.block_bytes)
-                if not host.flags.writeable:
-                    host = host.copy()
-                self._slot(slot).copy_(torch.from_numpy(host))
-            self._sync()
-        except RuntimeError as e:           # a CUDA error: the tier failed as a whole
-            raise TierIOError(f"{self.name}: write to {self.device} failed: {e}") from e
+    def copier(self):
+        """The copier between this pool's slots (as engine pages) and host buffers.
+
+        DMA when the tier's mechanism says so, else ``auto``: the kernel only
+        runs where the host buffers are pinned, and the cost model decides.
+        """
+        if self._copier is None:
+            from ..gpu.copier import KVCopier
+            if self.tensor is None:
+                raise KVTierError(f"{self.name}: tier is closed")
+            pool = self.tensor.view(self.num_slots, self.slot_bytes)[:, :self.block_bytes]
+            mech = "dma" if self.mechanism == "dma" else "auto"
+            self._copier = KVCopier(BlockLayout([pool], 0), mech, buffer_device="cpu")
+        return self._copier
+
+    def _move(self, slots, bufs, to_pool: bool, what: str) -> list[bool]:
+        if not len(slots):
+            return []
+        for s in slots:
+            self._check(s)
+        arrays = []
+        for b in bufs:
+            a = np.frombuffer(b, dtype=np.uint8, count=self.block_bytes)
+            if not to_pool and not a.flags.writeable:
+                raise KVTierError(f"{self.name}: read into a read-only buffer")
+            arrays.append(a)                 # kept alive until the copy is done
+        addrs = np.array([a.ctypes.data for a in arrays], dtype=np.uint64)
+        c = self.copier()
+        t = c.load(slots, addrs) if to_pool else c.store(slots, addrs)
+        t.wait()
+        if not t.ok:                         # a CUDA error: the tier failed as a whole
+            raise TierIOError(f"{self.name}: {what} {self.device} failed: {t.error}")
         return [True] * len(slots)
+
+    def write(self, keys, slots, srcs) -> list[bool]:
+        """Host buffers -> pool slots, all in one transfer."""
+        return self._move(slots, srcs, True, "write to")
 
     def read(self, keys, slots, dsts) -> list[bool]:
-        import torch
-        try:
-            for slot, dst in zip(slots, dsts):
-                host = np.frombuffer(dst, dtype=np.uint8, count=self.block_bytes)
-                torch.from_numpy(host).copy_(self._slot(slot))
-            self._sync()
-        except RuntimeError as e:
-            raise TierIOError(f"{self.name}: read from {self.device} failed: {e}") from e
-        return [True] * len(slots)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            import torch
-            torch.cuda.current_stream(self.device).synchronize()
+        """Pool slots -> host buffers, all in one transfer."""
+        return self._move(slots, dsts, False, "read from")
 
     # ---- housekeeping ------------------------------------------------------------------
     def stats(self) -> dict:
         d = super().stats()
         d.update(device=str(self.device), slot_bytes=self.slot_bytes,
-                 capacity_bytes=self.slot_bytes * self.num_slots)
+                 capacity_bytes=self.slot_bytes * self.num_slots, mechanism=self.mechanism)
         return d
 
     def close(self) -> None:
+        if self._copier is not None:
+            self._copier.flush()
+            self._copier = None
         self.tensor = None
         self._host = None

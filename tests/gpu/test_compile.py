@@ -93,7 +93,7 @@ def _load_nvrtc(d: Path):
 @pytest.mark.skipif(not _nvrtc_dirs(), reason="libnvrtc not found (set KVTIER_NVRTC_DIR)")
 @pytest.mark.parametrize("src", SOURCES, ids=[s.name for s in SOURCES])
 def test_compiles_with_nvrtc(src):
-    """The run-time path: NVRTC, no include paths, the options kvtier/_cuda.py passes."""
+    """The run-time path: NVRTC, no include paths, the options kvtier/gpu/cuda_copy.py passes."""
     import ctypes
     lib = _load_nvrtc(_nvrtc_dirs()[0])
     prog = ctypes.c_void_p()

@@ -1,144 +1,29 @@
-"""kvtier._cuda's control flow on a CPU: CuPy replaced by a stand-in that copies host memory.
+"""kvtier.gpu.cuda_copy's control flow on a CPU: CuPy replaced by a stand-in that copies host memory.
 
-The stand-in keeps CUDA's rules that bugs in this module would break: events
-must be created before use and destroyed exactly once, a stream may only wait
-on a live event, a kernel reads its chunk table from memory that must still
-be alive.  Copies happen at submission (no real asynchrony), so this checks
-wiring, bookkeeping and the bytes, not ordering: the ``gpu`` tests do that.
+The stand-in (tests/gpu/fake_cuda.py) keeps CUDA's rules that bugs in this
+module would break: events must be created before use and destroyed exactly
+once, a stream may only wait on a live event, a kernel reads its chunk table
+when it runs, and nothing runs before the device does.  These tests run it
+eagerly (the device runs after every call) and check wiring, bookkeeping,
+the bytes and the batch path's record; test_copier_cuda_fake.py runs it
+lazily, under an adversarial schedule, to check ordering.
 """
 from __future__ import annotations
 
 import ctypes
-import itertools
-import sys
-import types
 
 import numpy as np
 import pytest
 
 from kvtier.layout import Spans
+from tests.gpu.fake_cuda import install
 
 POISON = 0xA5
 
 
-class FakeRuntime(types.SimpleNamespace):
-    CUDARuntimeError = RuntimeError
-
-    def __init__(self):
-        super().__init__()
-        self.events: dict[int, bool] = {}
-        self.ids = itertools.count(1000)
-        self.registered: list[tuple[int, int]] = []
-        self.memcpys = 0
-        self.calls: list[tuple] = []          # (what, stream, event) in submission order
-
-    def getDeviceCount(self):
-        return 1
-
-    def getDeviceProperties(self, i):
-        return {"multiProcessorCount": 4}
-
-    def eventCreate(self):
-        e = next(self.ids)
-        self.events[e] = False
-        return e
-
-    def eventCreateWithFlags(self, flags):
-        return self.eventCreate()
-
-    def eventRecord(self, e, stream):
-        assert e in self.events, "record on a destroyed event"
-        self.events[e] = True
-        self.calls.append(("record", stream, e))
-
-    def eventQuery(self, e):
-        assert e in self.events, "query of a destroyed event"
-        return 0 if self.events[e] else 600
-
-    def eventSynchronize(self, e):
-        assert e in self.events
-
-    def eventElapsedTime(self, a, b):
-        assert a in self.events and b in self.events
-        return 0.25
-
-    def eventDestroy(self, e):
-        assert e in self.events, "event destroyed twice"
-        del self.events[e]
-
-    def streamWaitEvent(self, stream, e, flags):
-        assert e in self.events, "wait on a destroyed event"
-        self.calls.append(("wait", stream, e))
-
-    def memcpyAsync(self, dst, src, n, kind, stream):
-        ctypes.memmove(dst, src, n)
-        self.memcpys += 1
-        self.calls.append(("copy", stream, None))
-
-    def pointerGetAttributes(self, addr):
-        pinned = any(a <= addr < a + n for a, n in self.registered)
-        return types.SimpleNamespace(type=1 if pinned else 0, devicePointer=addr if pinned else 0)
-
-
-class FakeStream:
-    _n = itertools.count(1)
-
-    def __init__(self, non_blocking=False):
-        self.ptr = next(self._n)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-class FakeKernel:
-    def __init__(self, owner):
-        self.owner = owner
-
-    def __call__(self, grid, block, args):
-        table_ptr, n = int(args[0]), int(args[1])
-        table = np.ctypeslib.as_array((ctypes.c_uint64 * (3 * n)).from_address(table_ptr))
-        for i in range(n):
-            ctypes.memmove(int(table[n + i]), int(table[i]), int(table[2 * n + i]))
-        self.owner.launches += 1
-
-
-def make_fake_cupy():
-    rt = FakeRuntime()
-    cupy = types.ModuleType("cupy")
-    cuda = types.SimpleNamespace(runtime=rt, Stream=FakeStream)
-    cuda.Device = lambda i: FakeStream()
-    buffers = []
-
-    def alloc(n):
-        buf = np.zeros(n, dtype=np.uint8)
-        buffers.append(buf)
-        return types.SimpleNamespace(ptr=buf.ctypes.data, buf=buf)
-    cuda.alloc = alloc
-    cuda.alloc_pinned_memory = lambda n: bytearray(n)
-    cupy.cuda = cuda
-    cupy.launches = 0
-
-    class RawModule:
-        def __init__(self, code, options=()):
-            assert "kvtier_copy_chunks" in code
-
-        def get_function(self, name):
-            return FakeKernel(cupy)
-    cupy.RawModule = RawModule
-    return cupy
-
-
 @pytest.fixture
 def fake(monkeypatch):
-    cupy = make_fake_cupy()
-    monkeypatch.setitem(sys.modules, "cupy", cupy)
-    from kvtier.gpu import cuda_copy
-    monkeypatch.setattr(cuda_copy, "_DEVICES", {})
-    monkeypatch.setattr(cuda_copy.BatchMemcpy, "load", classmethod(lambda cls, path=None: None))
-    return cupy, cuda_copy
+    return install(monkeypatch)
 
 
 def spans_between(rng, src_buf, dst_buf, n):
@@ -170,7 +55,7 @@ def test_submit_copies_and_releases_everything(fake, mech, after):
     assert t.mechanism == mech and t.nbytes == sp.nbytes
     check(sp, src, dst)
     assert (dst[int(sp.nbytes):] == POISON).all()
-    assert cupy.cuda.runtime.events == {}, "events leaked"
+    assert cupy.cuda.runtime.live == set(), "events leaked"
     assert t._keep == ()
     t.wait_on_stream(5)                  # complete: nothing to wait for, no dead event touched
     if mech == "kernel":
@@ -204,13 +89,13 @@ def test_batch_submission_and_its_fallback(fake, batch_status):
                 ctypes.memmove(int(d), int(s), int(n))
         return batch_status
     dc = cuda_copy.device_copier(0)
-    dc.batch = batch
+    dc.batch_memcpy = batch
     t = dc.submit(sp, "dma", "load", after=None)
     assert t.wait(5) and t.ok
     check(sp, src, dst)
     assert calls == [9]
     assert cupy.cuda.runtime.memcpys == (0 if batch_status == 0 else 9)
-    assert dc.batch_failures == batch_status
+    assert dc.stats()["batch"] == 1 - batch_status and dc.stats()["batch_failures"] == batch_status
 
 
 def test_a_failing_runtime_is_a_failed_transfer(fake):
@@ -224,7 +109,7 @@ def test_a_failing_runtime_is_a_failed_transfer(fake):
                np.array([64], dtype=np.uint64))
     t = cuda_copy.device_copier(0).submit(sp, "dma", "store", after=3)
     assert t.done() and t.ok is False and "IllegalAddress" in t.error
-    assert cupy.cuda.runtime.events == {}, "events leaked"
+    assert cupy.cuda.runtime.live == set(), "events leaked"
 
 
 def test_auto_on_the_span_copier_path_learns_both(fake):
@@ -272,3 +157,147 @@ def test_copies_are_queued_after_the_compute_stream(fake, direction):
     assert ("wait", copy_stream, ready[0]) in calls[:first_copy], "copy stream does not wait for compute"
     assert all(c[1] == copy_stream for c in calls if c[0] == "copy")
     assert dc.streams["load"].ptr != dc.streams["store"].ptr
+
+
+# ---- the batch path's record ----------------------------------------------------------
+
+def test_repeated_identical_batch_refusals_stop_the_batch_path(fake, caplog):
+    cupy, cuda_copy = fake
+    rng = np.random.default_rng(4)
+    src = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
+    dst = np.full(1 << 20, POISON, dtype=np.uint8)
+    sp = spans_between(rng, src, dst, 6)
+    calls = []
+
+    def refuses(dsts, srcs, sizes, stream):
+        calls.append(sizes.size)
+        return 1                           # cudaErrorInvalidValue, every time
+    dc = cuda_copy.device_copier(0)
+    dc.batch_memcpy = refuses
+    for _ in range(cuda_copy.BATCH_GIVE_UP + 2):
+        t = dc.submit(sp, "dma", "store", after=None)
+        assert t.wait(5) and t.ok
+        check(sp, src, dst)
+    assert len(calls) == cuda_copy.BATCH_GIVE_UP, "the batch call is retried after repeated identical refusals"
+    st = dc.stats()
+    assert st["batch"] == 0 and st["batch_failures"] == cuda_copy.BATCH_GIVE_UP and st["batch_disabled"]
+    assert "no longer tried" in caplog.text
+
+
+def test_a_refusal_between_successes_keeps_the_batch_path(fake):
+    cupy, cuda_copy = fake
+    rng = np.random.default_rng(5)
+    src = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
+    dst = np.full(1 << 20, POISON, dtype=np.uint8)
+    sp = spans_between(rng, src, dst, 4)
+    statuses = iter([1, 1, 0, 1, 1, 0, 1, 1, 0])
+
+    def flaky(dsts, srcs, sizes, stream):
+        status = next(statuses)
+        if status == 0:
+            for d, s, n in zip(dsts, srcs, sizes):
+                ctypes.memmove(int(d), int(s), int(n))
+        return status
+    dc = cuda_copy.device_copier(0)
+    dc.batch_memcpy = flaky
+    for _ in range(9):
+        assert dc.submit(sp, "dma", "load", after=None).wait(5)
+    check(sp, src, dst)
+    assert dc.stats() == {"batch": 3, "batch_failures": 6, "batch_disabled": False, "batch_runtime": None}
+
+
+# ---- compilation happens before timing -------------------------------------------------
+
+def test_the_kernel_is_compiled_before_the_start_event(fake):
+    cupy, cuda_copy = fake
+    src = np.arange(1 << 16, dtype=np.uint8)
+    dst = np.zeros(1 << 16, dtype=np.uint8)
+    cupy.cuda.runtime.registered += [(src.ctypes.data, src.size), (dst.ctypes.data, dst.size)]
+    sp = Spans(np.array([src.ctypes.data], dtype=np.uint64), np.array([dst.ctypes.data], dtype=np.uint64),
+               np.array([src.size], dtype=np.uint64))
+    dc = cuda_copy.device_copier(0)
+    t = dc.submit(sp, "kernel", "store", after=None)
+    assert t.wait(5) and t.ok and (dst == src).all()
+    calls = cupy.cuda.runtime.calls
+    compiled = calls.index(("compile", None, "kvtier_copy_chunks"))
+    stream = dc.streams["store"].ptr
+    first_record = next(i for i, c in enumerate(calls) if c[0] == "record" and c[1] == stream)
+    assert compiled < first_record, "NVRTC would be timed as copy time"
+    dc.submit(sp, "kernel", "store", after=None).wait(5)
+    assert cupy.compiles == 1, "compiled once per device"
+
+
+def test_a_compile_error_is_a_failed_transfer(fake):
+    cupy, cuda_copy = fake
+
+    class Broken:
+        def __init__(self, code, options=()):
+            raise RuntimeError("nvrtc: error: identifier undefined")
+    cupy.RawModule = Broken
+    buf = np.zeros(4096, dtype=np.uint8)
+    cupy.cuda.runtime.registered.append((buf.ctypes.data, buf.size))
+    sp = Spans(np.array([buf.ctypes.data], dtype=np.uint64), np.array([buf.ctypes.data + 2048], dtype=np.uint64),
+               np.array([1024], dtype=np.uint64))
+    t = cuda_copy.device_copier(0).submit(sp, "kernel", "load", after=None)
+    assert t.done() and t.ok is False and "nvrtc" in t.error
+    assert cupy.cuda.runtime.live == set()
+
+
+# ---- the kernel reaches every allocation it touches ------------------------------------
+
+def three_buffers(cupy, pinned_middle: bool):
+    bufs = [np.zeros(1 << 16, dtype=np.uint8) for _ in range(3)]
+    for i, b in enumerate(bufs):
+        if i != 1 or pinned_middle:
+            cupy.cuda.runtime.registered.append((b.ctypes.data, b.size))
+    # device memory owns whole 2 MiB pages of address space, as the driver's reservations do
+    dev = np.zeros(3 << 21, dtype=np.uint8)
+    base = (dev.ctypes.data + (1 << 21) - 1) & ~((1 << 21) - 1)
+    cupy.cuda.runtime.device_ranges.append((base, 1 << 21))
+    src = np.array([base + (i << 16) for i in range(3)], dtype=np.uint64)
+    dst = np.array([b.ctypes.data for b in bufs], dtype=np.uint64)
+    return Spans(src, dst, np.full(3, 4096, dtype=np.uint64)), bufs, dev
+
+
+@pytest.mark.parametrize("pinned_middle", [True, False])
+def test_kernel_can_reach_checks_a_middle_span(fake, pinned_middle):
+    cupy, cuda_copy = fake
+    sp, bufs, dev = three_buffers(cupy, pinned_middle)
+    assert cuda_copy.device_copier(0).kernel_can_reach(sp) is pinned_middle
+
+
+def test_kernel_can_reach_remembers_device_memory_and_skips_pinned_ranges(fake, monkeypatch):
+    cupy, cuda_copy = fake
+    from kvtier.gpu import pinning
+    sp, bufs, dev = three_buffers(cupy, True)
+    dc = cuda_copy.device_copier(0)
+    rt = cupy.cuda.runtime
+    assert dc.kernel_can_reach(sp)
+    first = rt.queries
+    assert first >= 3 + 1                   # three host buffers, the device side at least once
+    assert dc.kernel_can_reach(sp)
+    assert rt.queries - first == 6, "device memory asked about again"     # host ends only
+    monkeypatch.setattr(pinning, "covered", lambda addrs: np.ones(np.shape(addrs), dtype=bool))
+    before = rt.queries
+    assert dc.kernel_can_reach(sp)
+    assert rt.queries == before, "ranges this process pinned need no call"
+
+
+def test_contiguous_ranges_merge_touching_and_overlapping_spans():
+    from kvtier.gpu.cuda_copy import contiguous_ranges
+    addrs = np.array([100, 0, 50, 300, 120, 400], dtype=np.uint64)
+    lens = np.array([30, 50, 10, 100, 10, 1], dtype=np.uint64)
+    starts, lasts = contiguous_ranges(addrs, lens)
+    assert starts.tolist() == [0, 100, 300] and lasts.tolist() == [59, 129, 400]
+
+
+def test_missing_cupy_names_the_extra_for_the_cuda_version(monkeypatch):
+    import sys
+    import torch
+    from kvtier.errors import MissingDependencyError
+    from kvtier.gpu import cuda_copy
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    for version, extra in (("13.0", "cuda13"), ("12.8", "cuda"), (None, "cuda")):
+        monkeypatch.setattr(torch.version, "cuda", version)
+        with pytest.raises(MissingDependencyError, match=f"kvtier\\[{extra}\\]'"):
+            cuda_copy.require_cupy()

@@ -44,6 +44,50 @@ def test_write_read_round_trip_cpu():
     assert bytes(tier.view(2)) == bytes(blocks[0])
 
 
+def test_a_batch_of_slots_moves_in_one_transfer():
+    rng = np.random.default_rng(1)
+    tier = GpuTier("gpu", 3000, 8, device="cpu")
+    staging = np.frombuffer(rand_bytes(rng, 3000 * 5), dtype=np.uint8)
+    srcs = [memoryview(staging[i * 3000:(i + 1) * 3000]) for i in range(5)]
+    slots = [4, 5, 6, 0, 2]
+    assert tier.write([b"k"] * 5, slots, srcs) == [True] * 5
+    assert tier.copier().stats()["transfers"] == 1
+    outs = [bytearray([POISON]) * 3000 for _ in range(5)]
+    assert tier.read([b"k"] * 5, slots[::-1], [memoryview(o) for o in outs]) == [True] * 5
+    assert tier.copier().stats()["transfers"] == 2
+    assert [bytes(o) for o in outs] == [bytes(m) for m in srcs[::-1]]
+
+
+def test_a_failed_batch_is_a_tier_io_error(monkeypatch):
+    from kvtier import native
+    from kvtier.errors import TierIOError
+    tier = GpuTier("gpu", 64, 2, device="cpu")
+
+    def broken(*a, **k):
+        raise OSError("bus error")
+    monkeypatch.setattr(native, "copy_spans", broken)
+    with pytest.raises(TierIOError, match="bus error"):
+        tier.write([b"a"], [0], [memoryview(bytes(64))])
+
+
+def test_the_factory_passes_the_mechanism_through(monkeypatch):
+    from kvtier.tiers import gpu as gpu_tier
+    from kvtier.tiers.factory import build_tiers
+    seen = {}
+
+    class OnCpu(GpuTier):
+        def __init__(self, name, block_bytes, num_slots, device=0, mechanism="auto"):
+            seen.update(device=device, mechanism=mechanism)
+            super().__init__(name, block_bytes, num_slots, device="cpu", mechanism=mechanism)
+    monkeypatch.setattr(gpu_tier, "GpuTier", OnCpu)
+    cfg = KVTierConfig(gpu=GpuConfig(capacity_bytes=1 << 20, mechanism="kernel"))
+    tiers, _ = build_tiers(cfg, Namespace("m", 16), 4096)
+    assert seen == {"device": 0, "mechanism": "kernel"}
+    assert tiers[0].mechanism == "auto"             # a CPU stand-in has no kernel to run
+    with pytest.raises(ConfigError, match="gpu.mechanism"):
+        GpuTier("gpu", 64, 2, device="cpu", mechanism="warp")
+
+
 def test_slots_are_aligned_and_disjoint():
     tier = GpuTier("gpu", 1000, 5, device="cpu")
     a = tier.addresses([0, 1, 4]).astype(np.int64)
@@ -191,8 +235,14 @@ def test_device_buffers_every_mechanism(mech):
 
 
 @pytest.mark.gpu
-def test_from_config_on_cuda():
-    cache = TieredCache.from_config(KVTierConfig(gpu=GpuConfig(capacity_bytes=1 << 20)),
-                                    Namespace("m", 16), 4096)
+@pytest.mark.parametrize("mech", ["auto", "dma", "kernel"])
+def test_from_config_on_cuda(mech):
+    src, bd = make_kv("LBNHC", 4, 4, ModelShape(num_layers=1, num_kv_heads=2, head_dim=64), device="cuda")
+    lay = BlockLayout(src, bd)
+    cache = TieredCache.from_config(KVTierConfig(gpu=GpuConfig(capacity_bytes=1 << 20, mechanism=mech)),
+                                    Namespace("m", 16), lay.block_bytes)
     with cache:
         assert cache.tiers[0].medium == "gpu" and cache.tiers[0].device.type == "cuda"
+        assert cache.tiers[0].mechanism == mech
+        pc = PagedKVCache(cache, lay, Namespace("m", 16))
+        assert pc.copier.mechanism == mech and pc.copier.buffer_device == "cuda:0"

@@ -22,6 +22,9 @@ from kvtier.gpu import cuda_copy
 kernel = importlib.resources.files("kvtier.gpu").joinpath("kv_copy.cu")
 assert kernel.is_file() and cuda_copy.SOURCE.is_file(), cuda_copy.SOURCE
 assert "kvtier_copy_chunks" in kernel.read_text()
+# the kernel the copier compiles is the installed one, not a source tree's
+assert str(cuda_copy.SOURCE).startswith(sys.prefix), (cuda_copy.SOURCE, sys.prefix)
+assert cuda_copy.SOURCE.read_text() == kernel.read_text()
 from kvtier import native
 print("imported", len(names), "modules; native", native.NATIVE)
 """
