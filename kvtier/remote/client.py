@@ -14,7 +14,9 @@ not validate, is a miss: its socket is closed and a fresh one made next time,
 so a late reply can never be taken for another request's; the server is then
 skipped for a short, growing back-off.  Bytes in flight, summed over all
 callers, stay under ``max_inflight_bytes``; a call that cannot get room within
-its timeout is a miss too.  Payloads are sent from the caller's memory
+its timeout is a miss too.  A server answering ``busy`` (too many bytes in
+flight there) is asked again after a short back-off, a few times, and then
+the request is a miss.  Payloads are sent from the caller's memory
 without a copy, and every block carries the CRC32C computed here; a block
 that comes back with a different checksum is a miss, never returned.
 """
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 
 REQUEST_BYTES = 8 << 20          # payload bytes per request (at least one block)
 WAVE_REQUESTS = 16               # requests in flight per call
+BUSY_RETRIES = 3                 # a request answered busy is sent again this many times at most
+BUSY_BACKOFF_S = 0.01            # first wait before sending it again; doubles each time
 
 
 def _zmq():
@@ -157,7 +161,24 @@ class RemoteTier(Tier):
 
     # ---- one round of requests ------------------------------------------------------
     def _exchange(self, reqs: list[_Request], keys, srcs=None) -> None:
-        """Send ``reqs`` in waves that fit the byte budget; replies go to their ``on_reply``."""
+        """Send ``reqs``; replies go to their ``on_reply``.  Those answered busy go again after
+        a growing back-off, at most BUSY_RETRIES times; then they are misses."""
+        for attempt in range(BUSY_RETRIES + 1):
+            busy: list[_Request] = []
+            self._waves(reqs, keys, srcs, busy)
+            if not busy:
+                return
+            if attempt == BUSY_RETRIES:
+                self._stats["busy_misses"] += len(busy)
+                return
+            self._stats["busy_retries"] += len(busy)
+            time.sleep(BUSY_BACKOFF_S * 2 ** attempt)
+            for r in busy:
+                r.reply = None
+            reqs = busy
+
+    def _waves(self, reqs: list[_Request], keys, srcs, busy: list) -> None:
+        """Send ``reqs`` in waves that fit the byte budget; those answered busy go to ``busy``."""
         i = 0
         while i < len(reqs):
             wave, nbytes = [reqs[i]], reqs[i].nbytes
@@ -171,7 +192,7 @@ class RemoteTier(Tier):
                 self._stats["inflight_full"] += len(wave)
                 continue
             try:
-                self._wave(wave, deadline, keys, srcs)
+                self._wave(wave, deadline, keys, srcs, busy)
             finally:
                 self._budget.release(nbytes)
 
@@ -184,7 +205,7 @@ class RemoteTier(Tier):
         return [P.encode_request("put", rid, self.namespace, keys=ks, block_bytes=self.block_bytes,
                                  crcs=crcs), *payloads]
 
-    def _wave(self, wave: list[_Request], deadline: float, keys, srcs) -> None:
+    def _wave(self, wave: list[_Request], deadline: float, keys, srcs, busy: list) -> None:
         zmq = self.zmq
         live: dict = {}                       # socket -> (request, request id)
         for r in wave:
@@ -235,6 +256,8 @@ class RemoteTier(Tier):
                 if r.reply is None:
                     continue
                 if not r.reply.ok:
+                    if r.reply.err == P.E_BUSY:
+                        busy.append(r)
                     self._stats[f"server_error.{r.reply.err}"] += 1
                     log.debug("%s: %s says %s: %s", self.name, self.servers[r.server], r.reply.err, r.reply.msg)
                 elif r.on_reply is not None:
@@ -315,6 +338,11 @@ class RemoteTier(Tier):
 
         self._exchange([_Request(s, op, [], 0, keep) for s in range(len(self.servers))], [])
         return bodies
+
+    def drop(self) -> list[dict | None]:
+        """Drop this tier's namespace, every block in it, on every server (``drop`` request);
+        each server's reply body, None where it did not answer or refused."""
+        return self.ping("drop")
 
     def stats(self) -> dict:
         d = super().stats()

@@ -31,7 +31,7 @@ from .. import native
 from ..keys import KEY_BYTES
 
 VERSION = 1
-OPS = ("get", "put", "exists", "delete", "health", "stats")
+OPS = ("get", "put", "exists", "delete", "health", "stats", "drop")
 KEYED_OPS = ("get", "put", "exists", "delete")
 MAX_HEADER_BYTES = 256 << 10
 MAX_KEYS = 4096
@@ -44,8 +44,9 @@ E_TOO_LARGE = "too_large"      # over the server's request-size or key-count lim
 E_DENIED = "denied"            # the identity may not use this namespace
 E_BLOCK_SIZE = "block_size"    # the namespace holds blocks of another size
 E_NO_ROOM = "no_room"          # a new namespace would exceed the server's capacity
+E_BUSY = "busy"                # too many bytes in flight: try again shortly (a miss if it persists)
 E_INTERNAL = "internal"        # the server failed while serving this request
-ERRORS = (E_VERSION, E_MALFORMED, E_TOO_LARGE, E_DENIED, E_BLOCK_SIZE, E_NO_ROOM, E_INTERNAL)
+ERRORS = (E_VERSION, E_MALFORMED, E_TOO_LARGE, E_DENIED, E_BLOCK_SIZE, E_NO_ROOM, E_BUSY, E_INTERNAL)
 
 
 class ProtocolError(Exception):
@@ -148,7 +149,7 @@ def payload_crcs(bufs: Sequence[Any]) -> list[int]:
     arrs = [np.frombuffer(b, dtype=np.uint8) for b in bufs]     # kept alive across the call
     addrs = np.array([a.ctypes.data for a in arrs], dtype=np.uint64)
     lens = np.array([a.nbytes for a in arrs], dtype=np.uint64)
-    return native.crc32c_spans(addrs, lens).tolist()
+    return native.crc32c_spans(addrs, lens, within=arrs).tolist()
 
 
 def copy_payloads(dsts: Sequence[Any], srcs: Sequence[Any]) -> list[int]:
@@ -167,7 +168,7 @@ def copy_payloads(dsts: Sequence[Any], srcs: Sequence[Any]) -> list[int]:
                              f"for a block of {b.nbytes}")
     return native.copy_crc_spans(np.array([a.ctypes.data for a in s], dtype=np.uint64),
                                   np.array([a.ctypes.data for a in d], dtype=np.uint64),
-                                  np.array([a.nbytes for a in d], dtype=np.uint64)).tolist()
+                                  np.array([a.nbytes for a in d], dtype=np.uint64), within=[*s, *d]).tolist()
 
 
 # ---- requests --------------------------------------------------------------------
@@ -197,6 +198,8 @@ def decode_request(frames: Sequence[Any], limits: Limits = Limits()) -> Request:
     """Validate a request's frames (header first); raise ProtocolError on any violation."""
     if not frames:
         raise ProtocolError(E_MALFORMED, "empty message")
+    if len(frames) > limits.max_keys + 1:
+        raise ProtocolError(E_TOO_LARGE, f"{len(frames)} frames > {limits.max_keys + 1}")
     total = sum(len(f) for f in frames)
     if total > limits.max_request_bytes:
         raise ProtocolError(E_TOO_LARGE, f"request of {total} bytes > {limits.max_request_bytes}")
@@ -275,7 +278,7 @@ def decode_reply(frames: Sequence[Any], req_id: int, op: str, num_keys: int = 0,
         raise ProtocolError(E_MALFORMED, f"{op} reply carries payload frames")
     if op == "put":
         rep.stored = _bools(d, "stored", num_keys)
-    if op in ("delete", "health", "stats"):
+    if op in ("delete", "health", "stats", "drop"):
         body = d.get("body")
         if not isinstance(body, dict):
             raise ProtocolError(E_MALFORMED, "body must be a map")

@@ -1,40 +1,43 @@
 """``kvtier serve``: the cache server that RemoteTier clients share over ZeroMQ.
 
 One ROUTER socket, one thread serving requests in arrival order (docs/protocol.md).
-Each namespace (a tenant) gets its own TieredCache — a HostTier sized by the
-namespace's byte quota, plus a DiskTier when ``--disk`` is given — so one
-tenant's blocks can neither be read nor evicted by another's: a full namespace
-evicts its own least recently used blocks.  A stored block is the client's
-bytes followed by an 8-byte trailer (CRC32C, magic), so the checksum the
-client computed travels with the block through every tier and back.
+Each namespace gets its own TieredCache (:mod:`kvtier.remote.store`), opened on
+first use within its tenant's quota and the server's capacity, and released
+when idle for ``--idle-release`` seconds or dropped by a ``drop`` request
+(:mod:`kvtier.remote.namespaces`).
+
+Memory is bounded before bytes are buffered (:mod:`kvtier.remote.guard`): each
+frame by ``ZMQ_MAXMSGSIZE``, the requests queued per connection by the socket's
+high-water marks, and the bytes held for all peers by a guard that answers
+``busy`` past half of ``--max-inflight-bytes`` and drops peers past it.  At start
+the server refuses a ``--capacity`` that, with these bounds, does not fit the
+memory it may use.
 
 Security: the server binds 127.0.0.1 unless told otherwise and refuses any
 other address without CURVE (``--curve-secret``; ``--gen-keys DIR`` makes key
 pairs).  With CURVE, a client's public key is its identity, mapped to the
-namespaces it may use by ``--tenant NAME:QUOTA:KEYFILE``; unknown keys fail the
-handshake.  Without CURVE (loopback only) a client declares its namespace, and
-when tenants are configured only those namespaces exist.
+tenants it acts for by ``--tenant NAME:QUOTA:KEYFILE``; ``--admin-key`` keys may
+list and drop every namespace; unknown keys fail the handshake.  Without CURVE
+(loopback only) a client declares its namespace, and when tenants are
+configured only their namespaces exist.
 
 Every request is validated by :mod:`kvtier.remote.protocol`; a bad one gets an error
 reply and the server carries on.  SIGTERM/SIGINT stop it gracefully.
 """
 from __future__ import annotations
 
-import glob
-import json
 import logging
-import os
 import time
 from collections import deque
-from dataclasses import dataclass
 
 from . import protocol as P
-from ..config import parse_size
 from ..errors import ConfigError
 from ..extras import require
 from ..metrics import Metrics
-from .store import NamespaceStore, disk_name
-from ..tiers.host import memory_limit
+from .guard import (MARGIN_BYTES, ConnectionGuard, peer_slack_bytes, check_memory, rss_bytes, trim_heap,
+                    tune_malloc)  # noqa: F401 (tune_malloc: public here too)
+from .namespaces import Namespaces, Tenant, parse_tenant  # noqa: F401 (Tenant, parse_tenant: public here too)
+from .store import NamespaceStore
 
 log = logging.getLogger(__name__)
 
@@ -44,36 +47,11 @@ LOOPBACK = "127.0.0.1"
 # the frame (an Event, and a wake-up of its garbage-collector thread when libzmq lets go),
 # which costs more than copying a small block and lengthens a single-block get.
 COPY_BLOCK_BYTES = 256 << 10
-
-
-@dataclass(frozen=True)
-class Tenant:
-    name: str
-    quota_bytes: int
-    public_keys: frozenset[str] = frozenset()     # z85 CURVE public keys
+MOVING_OPS = ("get", "put")          # the requests answered busy under back-pressure
 
 
 def require_zmq():
     return require("zmq", "kvtier serve")
-
-def parse_tenant(spec: str, default_quota: int) -> Tenant:
-    """``NAME[:QUOTA[:PUBKEY_FILE[,PUBKEY_FILE...]]]``."""
-    parts = spec.split(":", 2)
-    name = parts[0]
-    if not name or len(name) > P.MAX_NAMESPACE_CHARS:
-        raise ConfigError("--tenant", spec, f"NAME[:QUOTA[:PUBLIC_KEY_FILE,...]] with a 1..{P.MAX_NAMESPACE_CHARS} char name")
-    quota = parse_size("--tenant quota", parts[1]) if len(parts) > 1 and parts[1] else default_quota
-    keys = set()
-    if len(parts) > 2 and parts[2]:
-        require_zmq()
-        from zmq.auth import load_certificate
-        for path in parts[2].split(","):
-            try:
-                public, _ = load_certificate(path)
-            except (OSError, ValueError) as e:
-                raise ConfigError("--tenant key file", path, f"a readable CURVE public key file ({e})") from e
-            keys.add(public.decode("ascii"))
-    return Tenant(name, quota, frozenset(keys))
 
 
 def check_bind(endpoint: str, curve: bool) -> str:
@@ -93,21 +71,22 @@ class Server:
     def __init__(self, bind: str, *, capacity_bytes: int, default_quota: int,
                  tenants: dict[str, Tenant] | None = None, curve_secret: str | None = None,
                  disk_dir: str | None = None, disk_bytes: int = 16 << 30,
-                 limits: P.Limits = P.Limits(), wait_s: float = 0.5):
+                 limits: P.Limits = P.Limits(), wait_s: float = 0.5,
+                 max_inflight_bytes: int = 512 << 20, max_requests_per_connection: int = 2,
+                 idle_release_s: float = 600.0, admin_keys: frozenset[str] = frozenset(),
+                 guard_period_s: float = 0.01):
         zmq = require_zmq()
         self.zmq = zmq
         check_bind(bind, curve_secret is not None)
-        limit = memory_limit()
-        if limit is not None and capacity_bytes > limit:
-            # namespaces map their whole quota when they open: more than the memory there is
-            # would end in the kernel killing the server, not in a miss
-            raise ConfigError("--capacity", capacity_bytes, f"at most the memory this server may use ({limit} bytes)")
+        self.memory_bytes = check_memory(capacity_bytes, max_inflight_bytes, limits.max_request_bytes)
         self.tenants = dict(tenants or {})
         self.capacity_bytes = capacity_bytes
-        self.default_quota = default_quota
-        self.disk_dir, self.disk_bytes = disk_dir, disk_bytes
+        self.namespaces = Namespaces(capacity_bytes, default_quota, self.tenants, disk_dir, disk_bytes,
+                                     idle_release_s)
+        self.stores: dict[str, NamespaceStore] = self.namespaces.stores
         self.limits, self.wait_s = limits, wait_s
-        self.stores: dict[str, NamespaceStore] = {}
+        self.max_inflight_bytes = max_inflight_bytes
+        self.admin_keys = frozenset(admin_keys)
         self.metrics = Metrics("kvtier_server")
         self._describe()
         self._key_tenants: dict[str, set[str]] = {}
@@ -116,10 +95,14 @@ class Server:
                 self._key_tenants.setdefault(key, set()).add(t.name)
         self.ctx = zmq.Context()
         self.auth = None
+        self.guard = None
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 1000)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 64)            # bounds what clients can queue here
+        # a reply that cannot be queued (peer gone, or its queue full) raises instead of
+        # vanishing, so the guard never counts bytes libzmq did not take
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.RCVHWM, max_requests_per_connection)   # more stay in the peer's TCP stream
+        # replies a peer has not read yet are bounded by bytes (the guard), not by this count
         self.sock.setsockopt(zmq.MAXMSGSIZE, max(limits.max_block_bytes, P.MAX_HEADER_BYTES))
         self.curve = curve_secret is not None
         self._pending: deque = deque()          # (tracker, store, load handles) of zero-copy sends
@@ -128,16 +111,30 @@ class Server:
         self._leased: tuple = (None, ())        # the current get's (store, load handles)
         if self.curve:
             self._start_curve(curve_secret)
+        # what one connection may have queued: its requests, one more being received, the handshake
+        per_peer = (max_requests_per_connection + 1) * limits.max_request_bytes + peer_slack_bytes()
+        self.guard = ConnectionGuard(self.sock, curve=self.curve, max_peer_bytes=per_peer,
+                                     max_inflight_bytes=max_inflight_bytes, rss_limit=self.rss_limit,
+                                     period_s=guard_period_s)
         try:
             self.sock.bind(bind)
         except zmq.ZMQError as e:
             self.close()
             raise ConfigError("--bind", bind, f"an address this machine can listen on ({e})") from e
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        if disk_dir:
-            self._reopen(disk_dir)
+        self._base_rss = rss_bytes()
+        for ns in self.namespaces.reopen():          # what a previous server left under --disk
+            self.metrics.set("namespace_capacity_bytes", self.stores[ns].capacity_bytes, ns=ns)
+        self.guard.start()
         self._running = False
         self._started = time.monotonic()
+
+    def rss_limit(self) -> int:
+        """The resident memory past which the guard drops stalled peers: what the process held at
+        start, the namespaces open now (host memory and staging), the bytes in flight, the request
+        being served and its reply, and a margin."""
+        held = sum(st.memory_bytes for st in list(self.stores.values()))     # read from the guard's thread
+        return self._base_rss + held + self.max_inflight_bytes + 2 * self.limits.max_request_bytes + MARGIN_BYTES
 
     def _start_curve(self, secret_file: str) -> None:
         from zmq.auth import load_certificate
@@ -150,7 +147,7 @@ class Server:
             raise ConfigError("--curve-secret", secret_file, "a *.key_secret file holding a secret key")
         if not self._key_tenants:
             raise ConfigError("--tenant", "", "at least one NAME:QUOTA:PUBLIC_KEY_FILE when CURVE is on")
-        allowed = self._key_tenants
+        allowed = set(self._key_tenants) | self.admin_keys
 
         class Keys:
             def callback(self, domain, key):
@@ -163,19 +160,6 @@ class Server:
         self.sock.curve_publickey = public
         self.sock.curve_server = True
 
-    def _reopen(self, disk_dir: str) -> None:
-        """Open the namespaces a previous server left on disk (their blocks are recovered)."""
-        for meta in sorted(glob.glob(os.path.join(glob.escape(disk_dir), "*.json"))):
-            try:
-                with open(meta, encoding="utf-8") as f:
-                    d = json.load(f)
-                ns, bb = d["namespace"], d["block_bytes"]
-                if not isinstance(ns, str) or type(bb) is not int or meta != os.path.join(disk_dir, disk_name(ns) + ".json"):
-                    raise ValueError("unexpected contents")
-                self.open_namespace(ns, bb)
-            except (OSError, ValueError, KeyError, TypeError, P.ProtocolError) as e:
-                log.warning("%s: namespace not reopened: %s", meta, e)
-
     def _describe(self) -> None:
         m = self.metrics
         m.describe("requests_total", "counter", "requests served, by op and outcome")
@@ -185,41 +169,74 @@ class Server:
         m.describe("bytes_out_total", "counter", "payload bytes sent")
         m.describe("namespace_resident_blocks", "gauge", "blocks held in host memory, by namespace")
         m.describe("namespace_capacity_bytes", "gauge", "host bytes reserved, by namespace")
+        m.describe("namespaces", "gauge", "namespaces open")
+        m.describe("namespaces_released_total", "counter", "namespaces released, by reason")
+        m.describe("inflight_bytes", "gauge", "bytes held for peers: received but not yet served, "
+                                              "or replied but not yet acknowledged")
+        m.describe("peers_dropped_total", "counter", "connections dropped for holding too many bytes")
 
     # ---- namespaces, identities -----------------------------------------------------
+    def _user(self, frame) -> str | None:
+        return frame.get("User-Id") if self.curve else None
+
     def _allowed(self, frame, ns: str) -> bool:
+        """May this connection use namespace ``ns`` (put, get, exists, delete, drop)?"""
+        tenant = self.namespaces.tenant_of(ns)
         if self.curve:
-            user = frame.get("User-Id")
-            return ns in self._key_tenants.get(user, ())
-        return not self.tenants or ns in self.tenants
+            return tenant is not None and tenant in self._key_tenants.get(self._user(frame), ())
+        return not self.tenants or tenant is not None
+
+    def _is_admin(self, frame) -> bool:
+        return self.curve and self._user(frame) in self.admin_keys
+
+    def _visible(self, frame):
+        """Which namespaces a stats reply lists for this connection."""
+        if not self.curve or self._is_admin(frame):
+            return lambda ns: True
+        own = self._key_tenants.get(self._user(frame), ())
+        return lambda ns: self.namespaces.tenant_of(ns) in own
 
     def open_namespace(self, ns: str, block_bytes: int) -> NamespaceStore:
-        st = self.stores.get(ns)
-        if st is not None:
-            if st.block_bytes != block_bytes:
-                raise P.ProtocolError(P.E_BLOCK_SIZE, f"namespace {ns} holds blocks of {st.block_bytes} bytes")
-            return st
-        quota = self.tenants[ns].quota_bytes if ns in self.tenants else self.default_quota
-        used = sum(s.capacity_bytes for s in self.stores.values())
-        if used + quota > self.capacity_bytes:
-            raise P.ProtocolError(P.E_NO_ROOM, f"a namespace of {quota} bytes exceeds the server's capacity")
-        try:
-            st = NamespaceStore(ns, block_bytes, quota, self.disk_dir, self.disk_bytes)
-        except ConfigError as e:
-            raise P.ProtocolError(P.E_NO_ROOM, str(e)) from None
-        self.stores[ns] = st
-        self.metrics.set("namespace_capacity_bytes", st.capacity_bytes, ns=ns)
-        log.info("namespace %s: %d-byte blocks, %d bytes of host memory", ns, block_bytes, st.capacity_bytes)
+        new = ns not in self.stores
+        st = self.namespaces.open(ns, block_bytes)
+        if new:
+            self.metrics.set("namespace_capacity_bytes", st.capacity_bytes, ns=ns)
+            self.metrics.set("namespaces", len(self.stores))
         return st
+
+    def release(self, ns: str, reason: str) -> int:
+        freed = self.namespaces.release(ns, reason)
+        if freed:
+            self.metrics.inc("namespaces_released_total", reason=reason)
+            self.metrics.set("namespace_capacity_bytes", 0, ns=ns)
+            self.metrics.set("namespace_resident_blocks", 0, ns=ns)
+            self.metrics.set("namespaces", len(self.stores))
+        return freed
+
+    def release_idle(self) -> list[str]:
+        """Release every namespace idle for longer than ``--idle-release``; returns their names."""
+        sending = {id(st) for _, st, _ in self._pending}      # its slots are still on the wire
+        idle = [ns for ns in self.namespaces.idle() if id(self.stores[ns]) not in sending]
+        for ns in idle:
+            self.release(ns, "idle")
+        if idle:
+            trim_heap()
+        return idle
 
     # ---- requests -------------------------------------------------------------------
     def handle(self, frames) -> list:
         """Reply frames (header first) for one request's frames (identity stripped)."""
         try:
             req = P.decode_request([f.buffer for f in frames], self.limits)
-            if not self._allowed(frames[0], req.ns):
+            if not (self._allowed(frames[0], req.ns) or
+                    (req.op in ("stats", "health", "drop") and self._is_admin(frames[0]))):
                 raise P.ProtocolError(P.E_DENIED, f"this identity may not use namespace {req.ns}")
-            out = getattr(self, "_op_" + req.op)(req)
+            if req.op in MOVING_OPS and self.guard.busy():
+                raise P.ProtocolError(P.E_BUSY, f"over {self.max_inflight_bytes // 2} bytes in flight")
+            if req.op == "stats":
+                out = self._op_stats(req, self._visible(frames[0]))
+            else:
+                out = getattr(self, "_op_" + req.op)(req)
             self.metrics.inc("requests_total", op=req.op, outcome="ok")
             return out
         except P.ProtocolError as e:
@@ -241,11 +258,15 @@ class Server:
         return [P.encode_reply(req.req_id, stored=stored)]
 
     def _op_get(self, req: P.Request) -> list:
-        st = self.stores.get(req.ns)
+        st = self.namespaces.get(req.ns)
         if st is not None and st.block_bytes != req.block_bytes:
             raise P.ProtocolError(P.E_BLOCK_SIZE, f"namespace {req.ns} holds blocks of {st.block_bytes} bytes")
-        found, crcs, payloads, handles = st.get(req.keys, self.wait_s) if st is not None else \
-            ([False] * len(req.keys), [], [], [])
+        # a reply is no larger than a request may be: keys past that are answered as misses
+        n = max(1, (self.limits.max_request_bytes - P.MAX_HEADER_BYTES) // req.block_bytes)
+        keys, rest = req.keys[:n], [False] * max(0, len(req.keys) - n)
+        found, crcs, payloads, handles = st.get(keys, self.wait_s) if st is not None else \
+            ([False] * len(keys), [], [], [])
+        found += rest
         self.metrics.inc("blocks_total", len(payloads), op="get", outcome="hit")
         self.metrics.inc("blocks_total", len(found) - len(payloads), op="get", outcome="miss")
         self.metrics.inc("bytes_out_total", len(payloads) * req.block_bytes)
@@ -253,29 +274,43 @@ class Server:
         return [P.encode_reply(req.req_id, found=found, crcs=crcs)] + payloads
 
     def _op_exists(self, req: P.Request) -> list:
-        st = self.stores.get(req.ns)
+        st = self.namespaces.get(req.ns)
         found = st.exists(req.keys) if st is not None else [False] * len(req.keys)
         return [P.encode_reply(req.req_id, found=found)]
 
     def _op_delete(self, req: P.Request) -> list:
-        st = self.stores.get(req.ns)
+        st = self.namespaces.get(req.ns)
         n = st.delete(req.keys) if st is not None else 0
         return [P.encode_reply(req.req_id, body={"deleted": n})]
+
+    def _op_drop(self, req: P.Request) -> list:
+        held = req.ns in self.stores
+        freed = self.release(req.ns, "dropped")
+        if held:
+            trim_heap()
+        return [P.encode_reply(req.req_id, body={"dropped": held, "freed_bytes": freed})]
 
     def _op_health(self, req: P.Request) -> list:
         return [P.encode_reply(req.req_id, body={"status": "ok", "version": P.VERSION,
                                                  "uptime_s": round(time.monotonic() - self._started, 3)})]
 
-    def _op_stats(self, req: P.Request) -> list:
+    def _op_stats(self, req: P.Request, visible) -> list:
         st = self.stores.get(req.ns)
+        listed = self.namespaces.listing(visible)
         body = {"namespace": req.ns, "block_bytes": st.block_bytes if st else None,
                 "capacity_bytes": st.capacity_bytes if st else 0,
                 "resident_blocks": st.resident_blocks() if st else 0,
-                "populating": st.cache.tiers[0].populating if st else False}
+                "populating": st.cache.tiers[0].populating if st else False,
+                "namespaces": listed,
+                "num_namespaces": sum(1 for ns in self.stores if visible(ns)),
+                "reserved_bytes": sum(self.stores[r["ns"]].capacity_bytes for r in listed),
+                "server": {"capacity_bytes": self.capacity_bytes, "memory_bytes": self.memory_bytes,
+                           "rss_bytes": rss_bytes(), "idle_release_s": self.namespaces.idle_s,
+                           "released_namespaces": self.namespaces.num_released, **self.guard.stats()}}
         return [P.encode_reply(req.req_id, body=body)]
 
     # ---- loop -----------------------------------------------------------------------
-    def _send(self, ident, reply: list) -> None:
+    def _send(self, ident, reply: list, fd: int | None = None) -> None:
         zmq = self.zmq
         st, handles = self._leased
         self._leased = (None, ())
@@ -285,11 +320,13 @@ class Server:
                 # frame (it releases a message's frames in order; a torn block would still
                 # fail the client's checksum)
                 last = zmq.Frame(reply[-1], track=True)
-                self.sock.send_multipart([ident, *reply[:-1], last], copy=False)
+                self.sock.send_multipart([ident, *reply[:-1], last], zmq.NOBLOCK, copy=False)
                 self._pending.append((last.tracker, st, handles))
+                self.guard.given(fd, [len(f) for f in reply])
                 return
             # small blocks are copied into the message here, so their leases end below
-            self.sock.send_multipart([ident] + reply, copy=bool(handles))
+            self.sock.send_multipart([ident] + reply, zmq.NOBLOCK, copy=bool(handles))
+            self.guard.given(fd, [len(f) for f in reply])
         except Exception as e:  # a reply that cannot go out is the client's timeout, not our crash
             log.debug("reply not sent: %s", e)
         for h in handles:
@@ -316,9 +353,16 @@ class Server:
                 break
             n += 1
             self._leased = (None, ())
+            try:
+                fd = frames[-1].get(zmq.SRCFD)       # the connection it came from, for the guard
+            except zmq.ZMQError:
+                fd = None
+            self.guard.taken(fd, [len(f) for f in frames[1:]])      # the identity frame is local
             if len(frames) < 2:
                 continue                       # no identity or no header: nothing to answer
-            self._send(frames[0], self.handle(frames[1:]))
+            ident, reply = frames[0], self.handle(frames[1:])
+            del frames                         # the request's buffers go back before the reply is sent
+            self._send(ident, reply, fd)
             self._reap()
         self._reap()
         return n
@@ -328,10 +372,15 @@ class Server:
         refreshed = 0.0
         while self._running:
             self.serve_once(100)
-            if time.monotonic() - refreshed > 1.0:      # gauges: at most once a second
+            if time.monotonic() - refreshed > 1.0:      # housekeeping: at most once a second
                 refreshed = time.monotonic()
+                self.release_idle()
                 for ns, st in self.stores.items():
                     self.metrics.set("namespace_resident_blocks", st.resident_blocks(), ns=ns)
+                self.metrics.set("inflight_bytes", self.guard.inflight())
+                dropped = self.guard.num_dropped - self.metrics.get("peers_dropped_total")
+                if dropped:
+                    self.metrics.inc("peers_dropped_total", dropped)
 
     def stop(self, *_args) -> None:
         self._running = False
@@ -342,35 +391,10 @@ class Server:
             self._reap()
             time.sleep(0.01)
         self._reap(force=True)
+        if self.guard is not None:
+            self.guard.close()
         self.sock.close(linger=500)
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
-        for st in self.stores.values():
-            st.close()
-        self.stores.clear()
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3      # glibc mallopt parameters
-
-
-def tune_malloc(mmap_threshold: int = 64 << 20, trim_threshold: int = 512 << 20) -> bool:
-    """Serve large ZeroMQ message buffers from the heap instead of fresh mmaps.
-
-    libzmq allocates a buffer per received frame; above glibc's mmap threshold
-    each one is a new mapping whose pages fault in as the kernel copies into
-    them, which costs about as much CPU as the copy itself.  Raising the
-    threshold (and the trim threshold, so freed buffers are kept) lets the
-    buffers be reused.  Process-wide, so only for processes kvtier owns (the
-    server, benchmarks); an engine can set ``MALLOC_MMAP_THRESHOLD_`` and
-    ``MALLOC_TRIM_THRESHOLD_`` in its environment for the same effect.
-    Returns False where there is no glibc.
-    """
-    import ctypes
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)) and \
-            bool(libc.mallopt(M_TRIM_THRESHOLD, trim_threshold))
-    except (OSError, AttributeError):      # not glibc
-        return False
+        self.namespaces.close()

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import struct
+import time
 
 from . import protocol as P
 from ..errors import ConfigError
@@ -39,9 +40,11 @@ class NamespaceStore:
         self.name = name
         self.block_bytes = block_bytes
         self.stored_bytes = block_bytes + TRAILER.size
+        self.opened = self.used = time.monotonic()     # for idle release and stats
+        self.disk_path: str | None = None
         disk = None
         if disk_dir:
-            path = os.path.join(disk_dir, disk_name(name))
+            path = self.disk_path = os.path.join(disk_dir, disk_name(name))
             # every block goes to disk as it is stored (clients chose to store it: no admission filter),
             # so a restarted server still has it
             disk = DiskConfig(path=path, capacity_bytes=disk_bytes, admission="none", write_mode="through")
@@ -51,6 +54,8 @@ class NamespaceStore:
         # pages are mapped from a thread: populating a whole quota here would stall the
         # server's one loop (every tenant's requests) for seconds when a namespace opens
         host = HostConfig(capacity_bytes=quota_bytes, pinned="off", populate="background")
+        # a host-only namespace moves no bytes in the background: no transfer thread of its own
+        threads = 1 if disk_dir else 0
         cfg = KVTierConfig(host=host, disk=disk,
                            staging_bytes=min(64 << 20, quota_bytes) if disk_dir else 0, transfer_threads=1)
         ns = Namespace(model="kvtier-server", block_tokens=1, tenant=name)
@@ -59,8 +64,10 @@ class NamespaceStore:
         except ModuleNotFoundError as e:
             raise ConfigError("--disk", disk_dir, f"a build of kvtier with a disk tier ({e})") from e
         self.cache = TieredCache(tiers, policies, lease_timeout_s=60.0, staging_bytes=cfg.staging_bytes,
-                                 transfer_threads=1, namespace=ns)
+                                 transfer_threads=threads, namespace=ns)
         self.capacity_bytes = tiers[0].num_slots * tiers[0].slot_bytes
+        # what it holds in memory: host slots, and the staging pool of blocks on their way to disk
+        self.memory_bytes = self.capacity_bytes + (cfg.staging_bytes if disk_dir else self.stored_bytes)
         self._chunk = max(1, tiers[0].num_slots // 2)     # a put larger than host memory goes in steps
 
     def resident_blocks(self) -> int:

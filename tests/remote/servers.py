@@ -1,4 +1,5 @@
-"""Real server processes for the remote-tier tests: kvtier servers and redis-server.
+"""Real server processes for the remote-tier tests: kvtier servers and redis-server, and a
+raw ZMTP peer that misbehaves as libzmq never would.
 
 Every process started here is bounded (a start-up deadline) and killed by the
 fixture that started it; ports are free loopback ports picked by the kernel.
@@ -9,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -101,6 +103,62 @@ class ServerProc:
         if self.proc is not None:
             self._reader.join(5)
             self.proc.stdout.close()
+
+
+class RawPeer:
+    """A ZMTP 3.0 DEALER spoken over a plain TCP socket (NULL mechanism): it can send the
+    frames of a message one by one, and stop before the last, as libzmq never would."""
+
+    def __init__(self, endpoint: str):
+        host, port = endpoint[len("tcp://"):].rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=5)
+        self.sock.sendall(b"\xff" + bytes(8) + b"\x7f\x03\x00" + b"NULL".ljust(20, b"\0") + bytes(32))
+        prop = b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
+        body = b"\x05READY" + prop
+        self.sock.sendall(bytes([0x04, len(body)]) + body)
+        # libzmq takes frames only once its own READY is out: wait for its greeting and READY
+        self._read(64)
+        flags = self._read(1)[0]
+        size = struct.unpack(">Q", self._read(8))[0] if flags & 0x02 else self._read(1)[0]
+        self._read(size)
+
+    def _read(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            got = self.sock.recv(n - len(out))
+            if not got:
+                raise ConnectionError("the server closed the connection during the handshake")
+            out += got
+        return out
+
+    def frame(self, payload, more: bool = True) -> bool:
+        """Send one frame; False once the server has closed the connection."""
+        n = len(payload)
+        flags = (1 if more else 0) | (2 if n > 255 else 0)
+        head = bytes([flags]) + (struct.pack(">Q", n) if n > 255 else bytes([n]))
+        try:
+            self.sock.sendall(head)
+            self.sock.sendall(payload)
+            return True
+        except OSError:
+            return False
+
+    def closed_by_server(self, timeout: float) -> bool:
+        """True once the server closes the connection (within ``timeout`` seconds)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                if not self.sock.recv(1 << 16):      # replies, if any, then the end
+                    return True
+            except socket.timeout:
+                return False
+            except OSError:
+                return True
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def _cluster_port() -> int:

@@ -18,9 +18,9 @@ def test_counters_gauges_and_exposition():
     text = m.exposition()
     assert "# HELP kvtier_test_requests_total requests served\n" in text
     assert "# TYPE kvtier_test_requests_total counter\n" in text
-    assert 'kvtier_test_requests_total{op="get",outcome="ok"} 3\n' in text
+    assert 'kvtier_test_requests_total{op="get",outcome="ok"} 3.0\n' in text
     assert "# TYPE kvtier_test_resident_blocks gauge\n" in text
-    assert 'kvtier_test_resident_blocks{ns="we\\"ird\\\\ns"} 7\n' in text
+    assert 'kvtier_test_resident_blocks{ns="we\\"ird\\\\ns"} 7.0\n' in text
     assert m.snapshot()["requests_total{op=put,outcome=ok}"] == 1
 
 

@@ -51,13 +51,15 @@ def test_refuses_a_non_loopback_bind_without_curve():
 def test_refuses_a_capacity_beyond_the_memory_it_may_use():
     """Namespaces map their whole quota when they open: a capacity over the machine's (or
     the container's) memory would end in the kernel killing the server."""
-    from kvtier.tiers.host import memory_limit
-    limit = memory_limit()
+    from kvtier.remote.guard import memory_available
+    limit, source = memory_available()
     assert limit is not None and limit > 0
     s = ServerProc(["--capacity", str(limit + (1 << 30))]).start(expect_ok=False)
     try:
         assert s.wait_exit(30) == 2
-        assert "--capacity" in s.output and str(limit) in s.output
+        for flag in ("--capacity", "--max-inflight-bytes", "--max-request-bytes"):
+            assert flag in s.output
+        assert "memory this server may use" in s.output and source.split()[0] in s.output
     finally:
         s.kill()
 
