@@ -12,6 +12,7 @@ from .handles import LoadHandle, Lookup, StoreHandle
 from .keys import KEY_BYTES, Namespace, chain_keys, salt_hashes
 from .layout import BlockLayout
 from .listeners import CacheListener
+from .load_plan import LoadPlanConfig, LoadPlanner, Plan
 from .paged import PagedKVCache
 from .policy import EvictionPolicy, make_policy, policy_names, register_policy
 
@@ -21,6 +22,6 @@ __all__ = [
     "TieredCache", "PagedKVCache", "BlockLayout", "Namespace", "KEY_BYTES", "chain_keys", "salt_hashes",
     "KVTierConfig", "HostConfig", "DiskConfig", "RemoteConfig", "GpuConfig",
     "KVTierError", "CacheClosedError", "ConfigError", "TierIOError", "CorruptBlockError", "MissingDependencyError",
-    "Lookup", "StoreHandle", "LoadHandle", "CacheListener",
+    "Lookup", "StoreHandle", "LoadHandle", "CacheListener", "LoadPlanner", "LoadPlanConfig", "Plan",
     "EvictionPolicy", "make_policy", "policy_names", "register_policy", "__version__",
 ]

@@ -5,12 +5,18 @@ offline bounds (infinite cache, Belady and LRU at the same host capacity) into
 one flat dict: the JSON line of ``kvtier replay --json`` and the source of the
 text and Markdown tables.
 
-Prefill time saved is an estimate: every hit block saves ``block_tokens *
+Prefill time saved is an estimate made with the serving rule itself
+(:mod:`kvtier.load_plan`): for each request, the tiers its hit blocks came
+from, in order, go to a :class:`~kvtier.load_plan.LoadPlanner` whose compute
+per token is ``prefill_ms_per_token`` and whose tiers load at the given
+bandwidths (no latency, nothing queued: the replay serves one request at a
+time).  The plan's prefix is loaded: each of its blocks saves ``block_tokens *
 prefill_ms_per_token`` of compute and costs ``logical_block_bytes /
-bandwidth`` of loading from its tier; the net is reported per tier, so a tier
-too slow to be worth loading from shows up as a negative number and counts as
-zero in the total (an engine would recompute those blocks instead).  Bandwidths
-are given, or measured here: host by the native memcpy, disk by reading back a
+bandwidth``; the rest of the hit is recomputed and saves nothing.  So a tier
+too slow to be worth loading from adds no blocks, a fast head is loaded while
+a slow tail is not, and the estimate is what an engine running the rule would
+save.  Per tier: hit blocks, blocks the rule loads, compute saved, load time,
+net.  Bandwidths are given, or measured here: host by the native memcpy, disk by reading back a
 file written with fsync after dropping it from the page cache.  A command
 measures each bandwidth once (the best of several copies: on a shared machine
 the median moves from run to run, the peak much less), prints it with where it
@@ -30,6 +36,8 @@ import time
 
 import numpy as np
 
+from ..load_cost import TierPrior
+from ..load_plan import LoadPlanConfig, LoadPlanner
 from .belady import belady_hits, infinite_hits
 from .sim import ReplayResult, simulate
 from .trace import Trace
@@ -88,28 +96,48 @@ def measure_disk_gbps(directory: str | None = None, nbytes: int = 256 << 20, chu
     return got / dt / 1e9
 
 
-def block_saving_s(block_tokens: int, block_bytes: int, prefill_ms_per_token: float, gbps: float | None) -> float:
-    """Net seconds one hit block saves: its prefill compute less its load (0 if loading is slower)."""
+def block_saving_s(block_tokens: int, block_bytes: int, prefill_ms_per_token: float, gbps: float | None,
+                   margin: float = LoadPlanConfig.margin) -> float:
+    """Net seconds one hit block saves under the rule: its prefill compute less its load, or 0
+    where the load is not below compute / ``margin`` (with one tier and no latency, the rule
+    decides every block alike)."""
     compute = block_tokens * prefill_ms_per_token / 1000.0
     load = block_bytes / (gbps * 1e9) if gbps else 0.0
-    return max(compute - load, 0.0)
+    return compute - load if load * margin < compute else 0.0
 
 
-def prefill_saved(res: ReplayResult, prefill_ms_per_token: float, gbps: dict[str, float | None]) -> dict:
-    """Per tier and in total: compute seconds saved, load seconds spent, net."""
+_FREE = 1e12                            # GB/s standing for "load time unknown": counted as free
+
+
+def prefill_saved(res: ReplayResult, prefill_ms_per_token: float, gbps: dict[str, float | None],
+                  margin: float = LoadPlanConfig.margin) -> dict:
+    """Per tier and in total: hit blocks, blocks the rule loads, compute saved, load time, net."""
     cfg = res.config
-    out: dict = {}
+    names = cfg.tier_names
+    loaded = dict.fromkeys(names, 0)
+    load_s = dict.fromkeys(names, 0.0)
+    if prefill_ms_per_token > 0:
+        priors = {n: TierPrior(gbps.get(n) or _FREE, 0.0) for n in names}
+        planner = LoadPlanner(LoadPlanConfig(margin=margin, priors=priors, stale_s=None,
+                                             prefill_s_per_token=prefill_ms_per_token / 1000.0))
+        for runs, count in res.hit_patterns.items():
+            tiers = [t for t, k in runs for _ in range(k)]
+            plan = planner.plan(tiers, cfg.logical_block_bytes, cfg.block_tokens)
+            for t, c in plan.tiers.items():
+                loaded[t] = loaded.get(t, 0) + c.blocks * count
+                load_s[t] = load_s.get(t, 0.0) + c.load_s * count
+    out: dict = {"margin": margin}
     total = 0.0
-    for name in cfg.tier_names:
-        hits = res.hit_blocks.get(name, 0)
-        compute = hits * cfg.block_tokens * prefill_ms_per_token / 1000.0
+    for name in names:
         bw = gbps.get(name)
-        load = hits * cfg.logical_block_bytes / (bw * 1e9) if bw else None
-        net = compute - load if load is not None else None
-        worth = net is None or net > 0
-        out[name] = {"compute_s": compute, "load_s": load, "net_s": net, "gbps": bw, "worth_loading": worth}
-        if worth:                       # an engine recomputes rather than load from a slower tier
-            total += net if net is not None else compute
+        compute = loaded[name] * cfg.block_tokens * prefill_ms_per_token / 1000.0
+        load = load_s[name] if bw else None
+        net = compute - load if load is not None else compute
+        total += net
+        hits = res.hit_blocks.get(name, 0)
+        out[name] = {"hit_blocks": hits, "loaded_blocks": loaded[name], "compute_s": compute,
+                     "load_s": load, "net_s": net, "gbps": bw,
+                     "worth_loading": loaded[name] > 0 or hits == 0}
     recompute_all = res.num_blocks * cfg.block_tokens * prefill_ms_per_token / 1000.0
     out["total_net_s"] = total
     out["prefill_without_cache_s"] = recompute_all
@@ -176,11 +204,13 @@ def format_text(s: dict) -> str:
             t = p[name]
             bw = f"{t['gbps']:.2f} GB/s" if t["gbps"] else "unknown bandwidth"
             load = f"{t['load_s']:.1f}" if t["load_s"] is not None else "?"
-            verdict = "" if t["worth_loading"] else " (slower than recompute: not counted)"
-            lines.append(f"prefill {name}: {t['compute_s']:.1f} s of compute saved, {load} s loading at {bw}"
-                         f"{verdict}")
+            skipped = t["hit_blocks"] - t["loaded_blocks"]
+            verdict = f" ({skipped} hit blocks cheaper to recompute)" if skipped else ""
+            lines.append(f"prefill {name}: {t['loaded_blocks']} of {t['hit_blocks']} hit blocks loaded, "
+                         f"{t['compute_s']:.1f} s of compute saved, {load} s loading at {bw}{verdict}")
         lines.append(f"prefill saved: {p['total_net_s']:.1f} s of {p['prefill_without_cache_s']:.1f} s "
-                     f"({100 * p['fraction_saved']:.1f}%)")
+                     f"({100 * p['fraction_saved']:.1f}%; load only what beats recompute by "
+                     f"{p['margin']:g}x, request by request)")
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ tier; each block's bytes are derived from its key, so every hit is checked.
 """
 from __future__ import annotations
 
-import sys
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -29,6 +29,7 @@ import numpy as np
 from ..config import DiskConfig, HostConfig
 from ..errors import ConfigError, KVTierError
 from ..policy import check_policy_name, make_policy
+from ..progress import Bar
 from .belady import prefix_hits
 from .trace import Trace
 
@@ -107,6 +108,8 @@ class ReplayResult:
     bytes_read: dict[str, int] = field(default_factory=dict)     # logical bytes read out of each tier
     seconds: float = 0.0
     stats: dict = field(default_factory=dict)
+    # requests by where their hit blocks came from, in order, as runs: ((tier, blocks), ...)
+    hit_patterns: dict[tuple[tuple[str, int], ...], int] = field(default_factory=dict)
 
     @property
     def hits(self) -> int:
@@ -148,33 +151,6 @@ def _build_cache(cfg: ReplayConfig):
                        transfer_threads=1)
 
 
-class Progress:
-    """A one-line progress bar on stderr, redrawn at most every ``interval`` seconds."""
-
-    def __init__(self, total: int, label: str, enabled: bool, interval: float = 0.5, stream=None):
-        self.total, self.label, self.enabled, self.interval = total, label, enabled, interval
-        self.stream = stream or sys.stderr
-        self.start = time.monotonic()
-        self.last = 0.0
-
-    def update(self, done: int, extra: str = "") -> None:
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if now - self.last < self.interval and done < self.total:
-            return
-        self.last = now
-        frac = done / self.total if self.total else 1.0
-        bar = "#" * int(30 * frac)
-        rate = done / max(now - self.start, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else 0.0
-        self.stream.write(f"\r{self.label} [{bar:<30}] {done}/{self.total} {rate:,.0f} req/s "
-                          f"eta {eta:,.0f}s {extra}")
-        if done >= self.total:
-            self.stream.write("\n")
-        self.stream.flush()
-
-
 def replay(trace: Trace, cfg: ReplayConfig, progress: bool = False) -> ReplayResult:
     """Replay ``trace`` through a TieredCache built from ``cfg``."""
     if trace.block_tokens != cfg.block_tokens:
@@ -185,7 +161,7 @@ def replay(trace: Trace, cfg: ReplayConfig, progress: bool = False) -> ReplayRes
     verify = cfg.mode == "bytes"
     bb = cfg.stored_block_bytes
     keys_of: dict[int, bytes] = {}
-    bar = Progress(len(trace.requests), f"replay {trace.name}", progress)
+    bar = Bar(len(trace.requests), f"replay {trace.name}", progress, unit="req")
     t0 = time.perf_counter()
     cache = _build_cache(cfg)
     try:
@@ -205,9 +181,11 @@ def replay(trace: Trace, cfg: ReplayConfig, progress: bool = False) -> ReplayRes
                             np.frombuffer(v, dtype=np.uint8)[:] = block_bytes_of(k, bb)
                     cache.complete_store(h, True)
             cache.flush()
-            bar.update(i + 1, f"hit {res.hits / max(res.num_blocks, 1):.4f}")
+            if bar.enabled:
+                bar.update(1, note=f"hit {res.hits / max(res.num_blocks, 1):.4f}")
         res.stats = cache.stats()
     finally:
+        bar.close()
         cache.close()
     res.seconds = time.perf_counter() - t0
     lb = cfg.logical_block_bytes
@@ -242,6 +220,9 @@ def _serve(cache, keys: list[bytes], owner: int, verify: bool, bb: int, res: Rep
         cache.complete_load(h, success=True)
     for t in h.tiers[:n]:
         res.hit_blocks[t] += 1
+    if n:
+        runs = tuple((t, len(list(g))) for t, g in itertools.groupby(h.tiers[:n]))
+        res.hit_patterns[runs] = res.hit_patterns.get(runs, 0) + 1
     res.failed_loads += lk.num_blocks - n
     return n
 
