@@ -21,6 +21,8 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "matplotlib": ("matplotlib", "bench"),
     "safetensors": ("safetensors", "bench"),
     "vllm": ("vllm", "vllm"),
+    "prometheus_client": ("prometheus-client", "metrics"),
+    "tqdm": ("tqdm", "progress"),
 }
 
 

@@ -7,7 +7,9 @@
 # 2. a virtualenv with torch 2.13.0 (CPU), vLLM's CPU build and the test
 #    dependencies, built once and reused (tools/vllm_env.sh);
 # 3. kvtier itself, editable, with its C extension built in place;
-# 4. pytest over tests/.
+# 4. kustomize and the Kubernetes schema validator for the manifests' tests
+#    (tools/k8s_tools.sh; never fatal: their tests skip with the reason);
+# 5. pytest over tests/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,5 +24,6 @@ venv=$(bash tools/vllm_env.sh | tail -n 1)
 echo "[test] installing kvtier into $venv" >&2
 "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation \
     -c "$venv/kvtier-constraints.txt" -e '.[test]' >&2
+bash tools/k8s_tools.sh "$venv" >&2 || echo "[test] warning: kubernetes tools not installed" >&2
 
 exec "$venv/bin/python" -m pytest "$@"

@@ -26,6 +26,7 @@ SUITES = {
     "remote": ("kvtier.bench.remote", "remote tier vs raw TCP and redis"),
     "gpu": ("kvtier.bench.gpu", "device<->host copies vs cudaMemcpyAsync peak"),
     "vllm": ("kvtier.bench.vllm", "TTFT through a real vLLM engine"),
+    "pressure": ("kvtier.bench.pressure", "multi-turn chat overflowing the engine's KV cache: kvtier vs the floor"),
     "replay": ("kvtier.bench.replay", "hit ratios of the policies on traces"),
     "all": ("kvtier.bench.report", "every suite this machine can run, one report"),
 }
@@ -41,6 +42,7 @@ def _module(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..progress import add_flags as add_progress_flags
     p = argparse.ArgumentParser(prog="kvtier", description="Tiered KV-cache storage for LLM serving.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     sub = p.add_subparsers(dest="command", required=True)
@@ -59,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         sp = bsub.add_parser(suite, help=help_, description=help_)
         sp.add_argument("--json", metavar="PATH", help="append results as JSON lines to PATH")
+        add_progress_flags(sp)
         m.add_arguments(sp)
         sp.set_defaults(_main=_bench_main(m))
     return p
@@ -67,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _bench_main(module):
     def run(args) -> int:
         from ..bench.common import emit
-        rows = module.run(args)
+        from ..progress import Bar, wanted
+        # suites report no steps: the bar shows the suite and the time it has run
+        with Bar(None, f"bench {args.suite}", wanted(args.progress), unit="case") as bar:
+            bar.tick_while_running()
+            rows = module.run(args)
         emit(rows, args.json)
         return 0
     return run

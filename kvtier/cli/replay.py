@@ -25,11 +25,11 @@ import argparse
 import json
 import os
 import re
-import sys
 import tempfile
 
 from ..errors import ConfigError
 from ..policy import policy_names
+from ..progress import add_flags as add_progress_flags, wanted
 
 DEFAULT_SWEEP = "1%,2%,5%,10%,25%,50%"
 _TOKENS = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kKmMgG]?)\s*$")
@@ -103,7 +103,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="print every policy's hit ratio at these capacities next to LRU and Belady: "
                         "percentages of the trace's distinct blocks or token counts (default "
                         + DEFAULT_SWEEP.replace("%", "%%") + ")")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_progress_flags(p)
 
 
 def load(spec: str, block_tokens: int, limit: int | None):
@@ -162,7 +162,7 @@ def main(args: argparse.Namespace) -> int:
                            block_tokens=trace.block_tokens,
                            stored_block_bytes=parse_bytes("--block-bytes", args.block_bytes),
                            disk_path=disk_path)
-        res = replay(trace, cfg, progress=not args.no_progress and sys.stderr.isatty())
+        res = replay(trace, cfg, progress=wanted(args.progress))
         refs = None if args.no_bounds else bounds(trace, cfg.num_slots[0])
         # one bandwidth per tier for the whole command: measured here once, or given
         gbps = {"host": args.host_gbps or measure_host_gbps()}
