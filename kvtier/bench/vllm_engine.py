@@ -7,18 +7,23 @@ clean and gives its memory back when it exits:
     python -m bench.vllm_engine SPEC.json OUT.json
 
 SPEC: {"model": path, "dtype": "float32", "kvtier": {...} | null, "inprocess": true,
-       "max_model_len": 4096, "kv_cache_memory_bytes": n | null, "phases": [PHASE, ...]}
+       "max_model_len": 4096, "kv_cache_memory_bytes": n | null, "tensor_parallel_size": 1,
+       "disk_read_delay_s": s (a slow disk tier: seconds added per block read), "phases": [PHASE, ...]}
 PHASE: {"op": "generate", "prompts": [[ids...], ...], "max_tokens": 8}
      | {"op": "ttft", "prompt": [ids...], "case": name, "reset": bool, "settle_s": s}
                                                                   one request, one token
      | {"op": "chat", "conversations": c, "turns": t, "system_tokens": s,
-        "user_tokens": u, "gen_tokens": g, "seed": n}                    multi-turn rounds
+        "user_tokens": u, "gen_tokens": g, "seed": n,
+        "reset_between_turns": bool}                                     multi-turn rounds
      | {"op": "reset_prefix_cache"} | {"op": "drop_caches"}
 OUT:  {"phases": [...], "connector": {...} | null, "cache": {...} | null}
 
 ``inprocess`` (default) runs vLLM's engine core and worker inside this process
 (fast start-up; the connector's counters are then readable); ``false`` runs
-the usual separate scheduler and worker processes.
+the usual separate scheduler and worker processes.  With
+``tensor_parallel_size`` > 1 the engine core stays in this process and each
+rank runs in a worker process of its own, bound to one core
+(``VLLM_CPU_OMP_THREADS_BIND``).
 """
 from __future__ import annotations
 
@@ -35,8 +40,10 @@ REPO = Path(__file__).resolve().parents[2]      # the folder that holds the kvti
 
 
 # ---- the parent side ----------------------------------------------------------------
-def engine_env(extra: dict | None = None) -> dict:
+def engine_env(extra: dict | None = None, ranks: int = 1) -> dict:
     env = dict(os.environ)
+    if ranks > 1:   # one core per rank; vLLM's CPU backend cannot bind them by itself here
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % (os.cpu_count() or 1)) for i in range(ranks)))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -56,7 +63,9 @@ def _launch(spec: dict, workdir: Path, name: str, timeout: float, env: dict | No
     out_path.unlink(missing_ok=True)
     with open(log_path, "w") as log:
         proc = subprocess.run([sys.executable, "-m", "kvtier.bench.vllm_engine", str(spec_path), str(out_path)],
-                              stdout=log, stderr=subprocess.STDOUT, env=engine_env(env),
+                              stdout=log, stderr=subprocess.STDOUT,
+                              env=engine_env(env, int(spec.get("tensor_parallel_size", 1))
+                                             * int(spec.get("pipeline_parallel_size", 1))),
                               timeout=timeout, cwd=str(REPO))
     return proc.returncode, out_path, log_path.read_text()
 
@@ -83,9 +92,16 @@ def _engine_args(spec: dict) -> dict:
                 dtype=spec.get("dtype", "float32"), max_model_len=spec.get("max_model_len", 4096),
                 max_num_seqs=spec.get("max_num_seqs", 16), enable_prefix_caching=True,
                 max_num_batched_tokens=spec.get("max_num_batched_tokens", 4096), seed=0)
+    for key in ("pipeline_parallel_size", "disable_hybrid_kv_cache_manager", "disable_log_stats"):
+        if key in spec:
+            args[key] = spec[key]
     if spec.get("kv_cache_memory_bytes"):
         args["kv_cache_memory_bytes"] = int(spec["kv_cache_memory_bytes"])
-    if spec.get("inprocess", True):
+    tp = int(spec.get("tensor_parallel_size", 1))
+    if tp > 1:
+        args["tensor_parallel_size"] = tp
+        args["distributed_executor_backend"] = "mp"
+    elif spec.get("inprocess", True):
         args["distributed_executor_backend"] = "uni"
     if spec.get("kvtier") is not None:
         from vllm.config import KVTransferConfig
@@ -106,7 +122,12 @@ def _connector_state(llm) -> tuple[dict | None, dict | None]:
     sched = getattr(conn, "scheduler", None)
     if sched is None:
         return None, None
-    totals = dict(sched.totals.data, block_bytes=sched.geometry.block_bytes)
+    geo = sched.geometry
+    hma_off = getattr(llm.llm_engine.vllm_config.scheduler_config, "disable_hybrid_kv_cache_manager", None)
+    totals = dict(sched.totals.data, block_bytes=geo.block_bytes, rank_bytes=geo.rank_bytes,
+                  tp_size=geo.tp_size, groups=[[g.kind, g.num_layers] for g in geo.groups],
+                  hybrid_kv_cache_manager=not hma_off, namespace=geo.namespace.label,
+                  plan=sched.planner.stats() if sched.planner is not None else None)
     try:
         from vllm.distributed.kv_transfer import get_kv_transfer_group
         worker = get_kv_transfer_group().worker
@@ -128,18 +149,80 @@ def _chat(llm, sp_cls, phase: dict) -> dict:
     system = _tokens(seed, phase["system_tokens"], vocab)
     hist = [list(system) for _ in range(c)]
     sp = sp_cls(temperature=0.0, max_tokens=phase["gen_tokens"], detokenize=False, ignore_eos=True)
-    digest, tokens = hashlib.sha256(), 0
+    digest, tokens, turns = hashlib.sha256(), 0, []
     t0 = time.perf_counter()
     for turn in range(t):
+        if turn and phase.get("reset_between_turns"):
+            llm.reset_prefix_cache()          # later turns can then only hit outside vLLM
         prompts = [hist[i] + _tokens(seed * 1000 + i * 100 + turn + 1, phase["user_tokens"], vocab)
                    for i in range(c)]
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        record = {"prompt_tokens": [len(p) for p in prompts], "cached": [], "outputs": []}
         for i, o in enumerate(outs):
             out = list(o.outputs[0].token_ids)
             tokens += len(prompts[i]) + len(out)
             digest.update(json.dumps(out).encode())
             hist[i] = prompts[i] + out
-    return {"op": "chat", "seconds": time.perf_counter() - t0, "tokens": tokens, "digest": digest.hexdigest()}
+            record["cached"].append(o.num_cached_tokens)
+            record["outputs"].append(out)
+        turns.append(record)
+    return {"op": "chat", "seconds": time.perf_counter() - t0, "tokens": tokens, "digest": digest.hexdigest(),
+            "turns": turns}
+
+
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds of each thread of this process so far, by Python thread name ("native" for the rest)."""
+    import threading
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        name = names.get(int(task.name), "native")
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _turns(llm, sp_cls, phase: dict) -> dict:
+    """Multi-turn conversations, turn by turn: turn k of every conversation as one batch (or one
+    request at a time), its wall seconds, cached tokens, outputs, thread CPU seconds and the
+    connector's counters after it; ``profile`` (a path prefix) writes a cProfile of each turn."""
+    c, seed, vocab = phase["conversations"], phase.get("seed", 0), phase.get("vocab", 500)
+    hist = [_tokens(seed * 7919 + i, phase["prompt_tokens"], vocab) for i in range(c)]
+    sp = sp_cls(temperature=0.0, max_tokens=phase["gen_tokens"], detokenize=False, ignore_eos=True)
+    turns = []
+    for turn in range(phase.get("turns", 2)):
+        if turn:
+            hist = [h + _tokens(seed * 7919 + i + (turn << 20), phase["turn_tokens"], vocab)
+                    for i, h in enumerate(hist)]
+        batches = [[h] for h in hist] if phase.get("one_at_a_time") else [hist]
+        prof = None
+        if phase.get("profile"):
+            import cProfile
+            prof = cProfile.Profile()
+        cpu0, t0 = _thread_cpu(), time.perf_counter()
+        if prof is not None:
+            prof.enable()
+        outs = []
+        for batch in batches:
+            outs += llm.generate([{"prompt_token_ids": p} for p in batch], sp, use_tqdm=False)
+        if prof is not None:
+            prof.disable()
+        seconds, cpu1 = time.perf_counter() - t0, _thread_cpu()
+        record = {"turn": turn + 1, "seconds": seconds, "prompt_tokens": [len(h) for h in hist],
+                  "cached": [o.num_cached_tokens for o in outs],
+                  "outputs": [list(o.outputs[0].token_ids) for o in outs],
+                  "thread_cpu_s": {k: round(v - cpu0.get(k, 0.0), 3) for k, v in cpu1.items()},
+                  "connector": _connector_state(llm)[0]}
+        if prof is not None:
+            record["profile"] = f"{phase['profile']}.turn{turn + 1}.prof"
+            prof.dump_stats(record["profile"])
+        hist = [h + o for h, o in zip(hist, record["outputs"])]
+        turns.append(record)
+    return {"op": "turns", "case": phase.get("case"), "turns": turns}
 
 
 def _drop_caches() -> dict:
@@ -152,9 +235,24 @@ def _drop_caches() -> dict:
         return {"op": "drop_caches", "ok": False, "error": f"{type(e).__name__}: {e}"}
 
 
+def _throttle_disk(seconds_per_block: float) -> None:
+    """Make every disk-tier read take ``seconds_per_block`` longer per block: a slow disk,
+    for the load-or-recompute rule (in-process engines: the scheduler side reads)."""
+    from kvtier.tiers.disk.tier import DiskTier
+
+    read = DiskTier.read
+
+    def slow_read(self, keys, slots, dsts):
+        time.sleep(seconds_per_block * len(keys))
+        return read(self, keys, slots, dsts)
+    DiskTier.read = slow_read
+
+
 def main(spec_path: str, out_path: str) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
+    if spec.get("disk_read_delay_s"):
+        _throttle_disk(float(spec["disk_read_delay_s"]))
     if spec.get("inprocess", True):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
@@ -172,6 +270,9 @@ def main(spec_path: str, out_path: str) -> None:
         if op == "chat":
             results.append(_chat(llm, SamplingParams, phase))
             continue
+        if op == "turns":
+            results.append(_turns(llm, SamplingParams, phase))
+            continue
         if op == "ttft":
             if phase.get("reset"):
                 llm.reset_prefix_cache()
@@ -183,9 +284,11 @@ def main(spec_path: str, out_path: str) -> None:
         t0 = time.perf_counter()
         outs = llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sp, use_tqdm=False)
         dt = time.perf_counter() - t0
+        ttfts = [getattr(o.metrics, "first_token_latency", None) for o in outs]   # with log stats on
         results.append({"op": op, "case": phase.get("case"), "seconds": dt,
                         "outputs": [list(o.outputs[0].token_ids) for o in outs],
-                        "cached": [o.num_cached_tokens for o in outs]})
+                        "cached": [o.num_cached_tokens for o in outs],
+                        "ttfts": ttfts if all(t for t in ttfts) else None})
     totals, cache = _connector_state(llm)
     try:
         llm.llm_engine.engine_core.shutdown()

@@ -77,15 +77,19 @@ def test_stats_aggregate_reduce_and_take():
     assert taken.data["lookup_blocks"] == 10 and c.is_empty()
 
 
-def test_worker_metadata_aggregate_requires_every_worker():
-    from kvtier.integrations.vllm.metadata import KVTierWorkerMetadata
+def test_worker_metadata_aggregate_keeps_every_ranks_result():
+    """Results are kept per rank, so the scheduler side can wait for every rank (RankTally)."""
+    from kvtier.integrations.vllm.metadata import KVTierWorkerMetadata, RankTally
 
-    a = KVTierWorkerMetadata({1: True, 2: True}, {5: True}, attached=True)
-    b = KVTierWorkerMetadata({1: False}, {5: True, 6: False}, attached=True)
+    a = KVTierWorkerMetadata({1: {0: True}, 2: {0: True}}, {5: {0: True}}, attached={0})
+    b = KVTierWorkerMetadata({1: {1: False}}, {5: {1: True}, 6: {1: False}}, attached={1})
     m = a.aggregate(b)
-    assert m.load_results == {1: False, 2: True}
-    assert m.store_results == {5: True, 6: False}
-    assert m.attached
+    assert m.load_results == {1: {0: True, 1: False}, 2: {0: True}}
+    assert m.store_results == {5: {0: True, 1: True}, 6: {1: False}}
+    assert m.attached == {0, 1}
+    tally = RankTally(2)
+    assert sorted(tally.add(m.load_results)) == [(1, False)]      # op 2 still waits for rank 1
+    assert sorted(tally.add(m.store_results)) == [(5, True)]
 
 
 def test_prometheus_counters_follow_observed_stats():

@@ -17,8 +17,15 @@ def _opts(extra):
 
 def test_defaults():
     o = _opts({})
-    assert o.load_mode == "async" and o.is_async
+    assert o.load_mode == "auto" and not o.is_async and o.inline_load_bytes == 256 << 20
     assert o.cache.host.capacity_bytes == 1 << 30 and o.cache.disk is None
+
+
+def test_load_plan_settings_and_off():
+    from kvtier.load_plan import LoadPlanConfig
+    assert _opts({"load_plan": {"margin": 1.5}}).load_plan == LoadPlanConfig(margin=1.5)
+    assert _opts({}).load_plan == LoadPlanConfig()
+    assert _opts({"load_plan": False}).load_plan is False
 
 
 def test_inline_cache_sections_are_parsed():
@@ -32,6 +39,11 @@ def test_inline_cache_sections_are_parsed():
     ({"load_timeout_s": 0}, "kv_connector_extra_config.load_timeout_s"),
     ({"tenant": ""}, "kv_connector_extra_config.tenant"),
     ({"min_load_blocks": 0}, "kv_connector_extra_config.min_load_blocks"),
+    ({"inline_load_bytes": "lots"}, "kv_connector_extra_config.inline_load_bytes"),
+    ({"inline_load_bytes": -1}, "kv_connector_extra_config.inline_load_bytes"),
+    ({"load_plan": {"margin": 0.5}}, "kv_connector_extra_config.load_plan.margin"),
+    ({"load_plan": {"marginn": 2}}, "kv_connector_extra_config.load_plan.marginn"),
+    ({"load_plan": "fast"}, "kv_connector_extra_config.load_plan"),
     ({"host": {"capacity_bytes": "lots"}}, "kv_connector_extra_config.host.capacity_bytes"),
     ({"host": {"capacity": 1}}, "kv_connector_extra_config.host.capacity"),
     ({"disk": {"capacity_bytes": "1GiB"}}, "kv_connector_extra_config.disk.path"),
@@ -88,13 +100,14 @@ def test_host_arena_larger_than_free_shared_memory_is_refused(tmp_path):
 
 
 def _geometry(page_shape=(2, 32, 64), dtype="float32", layers=2):
-    from kvtier.integrations.vllm.geometry import EngineGeometry
+    from kvtier.integrations.vllm.geometry import FULL, EngineGeometry, GroupGeometry
     from kvtier.keys import Namespace
     ns = Namespace(model="m", block_tokens=32, dtype=dtype, layout="vllm/cpu/auto/LBHNC",
                    page_shape=page_shape)
     item = 4 if dtype == "float32" else 2
     page = page_shape[0] * page_shape[1] * page_shape[2] * item
-    return EngineGeometry(ns, 32, layers, page, tuple(f"l{i}" for i in range(layers)))
+    group = GroupGeometry(0, FULL, tuple(f"l{i}" for i in range(layers)), page, page_shape, dtype)
+    return EngineGeometry(ns, 32, (group,))
 
 
 @pytest.mark.parametrize("shape, dtype, ok", [
@@ -108,10 +121,10 @@ def test_worker_refuses_tensors_that_do_not_match_the_namespace(shape, dtype, ok
     layout = BlockLayout([torch.zeros(shape, dtype=getattr(torch, dtype)) for _ in range(2)])
     g = _geometry()
     if ok:
-        g.check_layout(layout)
+        g.check_group(0, layout)
     else:
         with pytest.raises(ConfigError):
-            g.check_layout(layout)
+            g.check_group(0, layout)
 
 
 def test_layout_and_page_shape_are_part_of_every_key():

@@ -7,9 +7,11 @@
 
 vLLM builds one instance per role: SCHEDULER (in the engine core: lookups,
 leases, the plan of each step; see scheduler.py) and WORKER (in each model
-worker: page copies; see worker.py).  Settings are validated in the
-constructor, so a bad configuration stops vLLM at start-up with a
-ConfigError naming the key.
+worker, one per tensor-parallel rank: page copies; see worker.py).  The
+connector declares ``SupportsHMA``: models with several KV cache groups
+(full attention plus sliding window) keep vLLM's hybrid KV cache manager on.
+Settings are validated in the constructor, so a bad configuration stops vLLM
+at start-up with a ConfigError naming the key.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
+    SupportsHMA,
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
@@ -27,14 +31,14 @@ from .metadata import KVTierConnectorMetadata
 from .options import ConnectorOptions
 from .scheduler import KVTierScheduler
 from .stats import KVTierConnectorStats, KVTierPromMetrics
-from .worker import KVTierWorker
+from .worker import KVTierWorker, tp_rank
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
 
-class KVTierConnector(KVConnectorBase_V1):
+class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
     _cache_hit_source = CacheHitSource.EXTERNAL_UNSPECIFIED
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
@@ -46,7 +50,7 @@ class KVTierConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler = KVTierScheduler(vllm_config, self.geometry, self.options)
         else:
-            self.worker = KVTierWorker(self.geometry, kv_cache_config.num_blocks)
+            self.worker = KVTierWorker(self.geometry, kv_cache_config.num_blocks, rank=tp_rank())
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -61,20 +65,32 @@ class KVTierConnector(KVConnectorBase_V1):
         assert isinstance(meta, KVTierConnectorMetadata)
         return meta
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self.worker is not None:
+            self.worker.before_step()          # called before every forward, loads or not
+
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         self.worker.start_load_kv(self._meta())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return                     # loads complete in start_load_kv
+        self.worker.wait_for_layer_load(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
-        return                     # pages are copied once per step, in wait_for_save
+        return                     # a step's new blocks are enqueued once, in wait_for_save
 
     def wait_for_save(self) -> None:
         self.worker.wait_for_save(self._meta())
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return self.worker.get_finished()
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        sending, recving = self.worker.get_finished()
+        failed = self.worker.take_failed_requests()
+        return KVConnectorTransferResults(finished_sending=sending or set(),
+                                          finished_recving=(recving or set()) | failed,
+                                          failed_recving=failed)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.take_load_errors()
@@ -100,6 +116,10 @@ class KVTierConnector(KVConnectorBase_V1):
         self.scheduler.update_connector_output(connector_output)
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self.scheduler.request_finished(request)
+        return False, None
+
+    def request_finished_all_groups(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
         self.scheduler.request_finished(request)
         return False, None
 

@@ -19,7 +19,7 @@ from ...config import KVTierConfig
 from ...errors import ConfigError
 
 PREFIX = "kv_connector_extra_config"
-LOAD_MODES = ("async", "sync")
+LOAD_MODES = ("auto", "async", "sync")
 _CACHE_KEYS = {f.name for f in dataclasses.fields(KVTierConfig)}
 # Which optional module each tier needs, and the pip extra that brings it.
 _DEPS = {"disk": ("lmdb", "disk"), "remote": ("zmq", "remote")}
@@ -30,11 +30,15 @@ class ConnectorOptions:
     """How the connector behaves; ``cache`` is the kvtier cache it builds."""
 
     cache: KVTierConfig
-    load_mode: str = "async"      # async: load between steps (WAITING_FOR_REMOTE_KVS); sync: inside the step
+    load_mode: str = "auto"       # async: load between steps (WAITING_FOR_REMOTE_KVS); sync: inside the step;
+                                  # auto: inside the step when the hit is all in host memory and small
+    inline_load_bytes: int | str = 256 << 20   # auto: the largest hit copied inside the step
     load_timeout_s: float = 10.0  # longest wait for a promotion from disk/remote before giving up (a miss)
     tenant: str = "default"
     revision: str = ""            # model revision, part of the namespace (default: vLLM's --revision)
     min_load_blocks: int = 1      # fewer matched blocks than this are not worth a load
+    load_plan: Any = None         # kvtier.load_plan.LoadPlanConfig settings (load only what beats
+                                  # recomputing it); False: load every hit
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any] | None) -> "ConnectorOptions":
@@ -61,6 +65,19 @@ class ConnectorOptions:
                 raise ConfigError(f"{PREFIX}.{key}", getattr(self, key), "a string")
         if not self.tenant:
             raise ConfigError(f"{PREFIX}.tenant", self.tenant, "a non-empty string")
+        from ...config import parse_size
+        inline = parse_size(f"{PREFIX}.inline_load_bytes", self.inline_load_bytes)
+        if inline < 0:
+            raise ConfigError(f"{PREFIX}.inline_load_bytes", inline, "a size >= 0")
+        object.__setattr__(self, "inline_load_bytes", inline)
+        from ...load_plan import LoadPlanConfig
+        if self.load_plan is not False:          # False: load every hit, whatever it costs
+            try:
+                plan = LoadPlanConfig.from_dict(self.load_plan or {})
+            except ConfigError as e:
+                key = f"{PREFIX}.load_plan.{e.key}".removesuffix(".load_plan")
+                raise ConfigError(key, e.value, e.allowed) from e
+            object.__setattr__(self, "load_plan", plan)
         m = self.min_load_blocks
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ConfigError(f"{PREFIX}.min_load_blocks", m, "an int >= 1")
@@ -75,6 +92,7 @@ class ConnectorOptions:
 
     @property
     def is_async(self) -> bool:
+        """Whether every load is asynchronous (``auto`` decides per request)."""
         return self.load_mode == "async"
 
 

@@ -16,8 +16,15 @@ Lifecycle of one request, as vLLM's scheduler drives it:
 
 A block that was promised to vLLM but cannot be supplied (lease lost,
 promotion failed a checksum, timeout) travels to the worker as a failed block
-id; the worker reports it through ``get_block_ids_with_load_errors`` and
-vLLM recomputes it.
+id; the worker reports it through ``get_block_ids_with_load_errors`` (or, for
+a model with several KV cache groups, fails the request's load) and vLLM
+recomputes it.
+
+Tensor parallelism: this side runs once for all ranks, so every rank copies
+the same blocks into and out of the same slots (each its own slice).  An op
+is complete only when every rank has reported it; one rank's failure fails
+it for all (a store is dropped, a load is recomputed everywhere, since vLLM
+unites the ranks' load errors).
 """
 from __future__ import annotations
 
@@ -28,9 +35,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...keys import salt_hashes
+from ...load_plan import LoadPlanner
 from .events import EventLog, TierRecords
 from .geometry import EngineGeometry
-from .metadata import ArenaInfo, KVTierConnectorMetadata, KVTierWorkerMetadata, LoadOp, StoreOp
+from .metadata import ArenaInfo, KVTierConnectorMetadata, KVTierWorkerMetadata, LoadOp, RankTally, StoreOp
 from .options import ConnectorOptions
 from .shm import arena_path, build_shared_cache
 from .stats import KVTierConnectorStats
@@ -41,9 +49,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class _PendingLoad:
     req_id: str
-    block_ids: list[int]
+    block_ids: list[list[int]]     # per KV cache group, -1 where vLLM holds no page
     handle: Any                    # LoadHandle | None (None: nothing could be leased)
     is_async: bool
+    tiers: dict[str, int] = field(default_factory=dict)   # bytes announced to the planner, per tier
     since: float = field(default_factory=time.monotonic)
 
 
@@ -54,6 +63,10 @@ class _ReqState:
     num_stored: int = 0           # leading blocks already offered to prepare_store
     num_local: int = 0            # block-aligned local hit seen by the last lookup
     num_hit: int = 0              # kvtier blocks found past it
+    is_async: bool = True         # how the last lookup's hit loads
+    hit_tiers: tuple = ()         # tier of each block the last lookup decided to load
+    deferred_since: float | None = None   # first lookup deferred behind a store in flight
+    plan_deadline: float | None = None    # a waiting load plan's deadline
 
 
 class KVTierScheduler:
@@ -68,6 +81,13 @@ class KVTierScheduler:
                                                      arena_path(engine_id), listeners=[self.records])
         self.arena = ArenaInfo(self.shared.path, self.shared.nbytes, self.cache.tiers[0].slot_bytes)
         self._attached = False
+        self._ranks_attached: set[int] = set()
+        self._store_tally = RankTally(geometry.tp_size)     # results still missing a rank
+        self._storing: dict[bytes, int] = {}                 # key -> store op copying it now
+        # Load only what beats recomputing it (None: every hit loads).
+        self.planner = LoadPlanner(opts.load_plan) if opts.load_plan is not False else None
+        self._last_step: tuple[float, int, set] | None = None
+        self._load_tally = RankTally(geometry.tp_size)
         capacity = sum(t.num_slots or 0 for t in self.cache.tiers)
         self.events = EventLog(self.block_tokens, max_keys=capacity)
         self.stats = KVTierConnectorStats()       # since vLLM last took them
@@ -78,9 +98,9 @@ class KVTierScheduler:
         self._issued_loads: dict[int, Any] = {}       # op id -> LoadHandle | None
         self._issued_stores: dict[int, tuple[Any, str, list[bytes]]] = {}
         self._ops = itertools.count(1)
-        log.info("kvtier connector: namespace %s, %d-byte blocks, %s loads, tiers %s",
-                 self.namespace.label, geometry.block_bytes, opts.load_mode,
-                 [t.name for t in self.cache.tiers])
+        log.info("kvtier connector: namespace %s, %d-byte blocks (%d groups, %d tensor-parallel ranks), "
+                 "%s loads, tiers %s", self.namespace.label, geometry.block_bytes, len(geometry.groups),
+                 geometry.tp_size, opts.load_mode, [t.name for t in self.cache.tiers])
 
     def _count(self, key: str, n: float) -> None:
         self.stats.add(key, n)
@@ -113,13 +133,48 @@ class KVTierScheduler:
         if limit <= start:
             return 0, False
         keys = self._keys(st, limit)
-        found = self.cache.lookup(keys[start:limit]).num_blocks
+        res = self.cache.lookup(keys[start:limit])
+        found = res.num_blocks
+        if start + found < limit and keys[start + found] in self._storing and self._may_defer(st):
+            # The next block is being copied out of the engine right now: ask again next step
+            # rather than recompute what a store makes visible in a moment.
+            return None, False
+        st.deferred_since = None
+        if found and self.planner is not None:
+            plan = self.planner.plan(res.tiers[:found], self.geometry.block_bytes, bt, deadline=st.plan_deadline)
+            if plan.wait:                       # a tier's queue is full: ask again shortly
+                st.plan_deadline = plan.deadline
+                return None, False
+            st.plan_deadline = None
+            if plan.num_blocks < found:
+                self._count("plan_recomputed_blocks", found - plan.num_blocks)
+            found = plan.num_blocks
         self._count("lookup_blocks", limit - start)
-        self._count("hit_blocks", found)
+        self._count("hit_blocks", res.num_blocks)
         if found < self.opts.min_load_blocks:
             return 0, False
         st.num_hit = found
-        return found * bt, self.opts.is_async
+        st.hit_tiers = tuple(res.tiers[:found])
+        st.is_async = self._load_async(st.hit_tiers, found)
+        return found * bt, st.is_async
+
+    def _may_defer(self, st: _ReqState) -> bool:
+        now = time.monotonic()
+        if st.deferred_since is None:
+            st.deferred_since = now
+        return now - st.deferred_since < self.opts.load_timeout_s
+
+    def _load_async(self, tiers, found: int) -> bool:
+        """``auto``: a hit held wholly in host memory and small enough is copied inside the step
+        (no scheduling round trip); anything else loads between steps.  A model with several
+        KV cache groups always loads between steps (see geometry.py)."""
+        mode = self.opts.load_mode
+        if mode != "auto":
+            return mode == "async"
+        if self.geometry.hybrid:
+            return True
+        host = self.cache.tiers[0].name
+        return not (all(t == host for t in tiers) and found * self.geometry.block_bytes <= self.opts.inline_load_bytes)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         if num_external_tokens == 0:
@@ -127,13 +182,47 @@ class KVTierScheduler:
         st = self._state(request)
         n = num_external_tokens // self.block_tokens
         start = st.num_local
-        block_ids = list(blocks.get_block_ids()[0][start:start + n])
+        block_ids = self._group_block_ids(blocks, start, start + n)
         keys = self._keys(st, start + n)[start:]
         handle = self.cache.prepare_load(keys, ("load", request.request_id), start=start)
-        self._new_loads.append(_PendingLoad(request.request_id, block_ids, handle, self.opts.is_async))
+        announced: dict[str, int] = {}
+        for tier in st.hit_tiers[:n]:
+            announced[tier] = announced.get(tier, 0) + self.geometry.block_bytes
+        for tier, nbytes in announced.items():
+            if self.planner is not None:
+                self.planner.begin(tier, nbytes)
+        self._new_loads.append(_PendingLoad(request.request_id, block_ids, handle, st.is_async, announced))
 
     # ---- the per-step plan ----------------------------------------------------------
+    def _observe_step(self, so) -> None:
+        """The engine's compute per token, from the time between two steps of running requests.
+
+        Only steps that were mostly prefill count, and only when a request of the
+        previous step is still running (no idle gap between the two)."""
+        if self.planner is None:
+            return
+        now = time.monotonic()
+        scheduled = so.num_scheduled_tokens
+        if self._last_step is not None:
+            t0, tokens, reqs = self._last_step
+            if tokens and reqs & set(so.scheduled_cached_reqs.req_ids):
+                self.planner.observe_prefill(tokens, now - t0)
+        prefill = sum(n for n in scheduled.values() if n > 1)
+        total = sum(scheduled.values())
+        self._last_step = (now, prefill if total and prefill * 2 >= total else 0, set(scheduled))
+
+    def _loaded(self, p: _PendingLoad, ok: bool) -> None:
+        """A load's promotion is over: the planner learns how long its slowest tier took."""
+        if self.planner is None:
+            return
+        host = self.cache.tiers[0].name
+        slowest = next((t for t in p.tiers if t != host), None)
+        for tier, nbytes in p.tiers.items():
+            timed = tier == slowest and ok
+            self.planner.end(tier, nbytes, time.monotonic() - p.since if timed else None, ok=ok)
+
     def build_connector_meta(self, scheduler_output) -> KVTierConnectorMetadata:
+        self._observe_step(scheduler_output)
         meta = KVTierConnectorMetadata(arena=None if self._attached else self.arena)
         new, self._new_loads = self._new_loads, []
         for p in new:
@@ -155,14 +244,24 @@ class KVTierScheduler:
         self._plan_stores(scheduler_output, meta)
         return meta
 
+    def _group_block_ids(self, blocks, lo: int, hi: int) -> list[list[int]]:
+        """Per transferred group, the engine block ids of positions [lo, hi); -1 for vLLM's null block."""
+        out = []
+        for g in self.geometry.groups:
+            row = list(blocks.blocks[g.index][lo:hi])
+            out.append([-1 if b.is_null else int(b.block_id) for b in row] + [-1] * (hi - lo - len(row)))
+        return out
+
     def _issue(self, p: _PendingLoad) -> LoadOp:
         h = p.handle
         n = h.num_ok if h is not None and h.ready() else 0
-        n = min(n, len(p.block_ids))
-        op = LoadOp(next(self._ops), p.req_id, p.block_ids[:n], list(h.slots[:n]) if n else [],
-                    p.block_ids[n:], p.is_async)
-        if op.failed_block_ids:
-            self._count("load_failed_blocks", len(op.failed_block_ids))
+        n = min(n, len(p.block_ids[0]))
+        self._loaded(p, ok=n == len(p.block_ids[0]))
+        failed = [b for ids in p.block_ids for b in ids[n:] if b >= 0]
+        op = LoadOp(next(self._ops), p.req_id, [ids[:n] for ids in p.block_ids],
+                    list(h.slots[:n]) if n else [], failed, p.is_async)
+        if failed:
+            self._count("load_failed_blocks", len(p.block_ids[0]) - n)
         if n == 0 and h is not None:
             self.cache.complete_load(h, success=False)
             h = None
@@ -188,12 +287,21 @@ class KVTierScheduler:
                 continue
             start = st.num_stored
             st.num_stored = full
+            table = self._group_block_ids(self._kv_cache_manager.get_blocks(req_id), start, full)
+            # A position is stored only with every group's page; a sliding-window group
+            # holds none before its window (vLLM's null block), so the stored run starts
+            # after the last position that lacks one.
+            lacking = [i for i in range(full - start) if any(ids[i] < 0 for ids in table)]
+            skip = lacking[-1] + 1 if lacking else 0
+            if skip >= full - start:
+                continue
+            start += skip
+            table = [ids[skip:] for ids in table]
             keys = self._keys(st, full)[start:]
             h = self.cache.prepare_store(keys, ("store", req_id), start=start)
             if h is None:
                 continue
-            table = self._kv_cache_manager.get_block_ids(req_id)[0]
-            ids = [table[start + i] for i in h.positions]
+            ids = [[row[i] for i in h.positions] for row in table]
             op = StoreOp(next(self._ops), req_id, ids, list(h.slots))
             hashes = st.request.block_hashes
             tokens = st.request.all_token_ids
@@ -201,6 +309,8 @@ class KVTierScheduler:
                      tokens[(start + i) * self.block_tokens:(start + i + 1) * self.block_tokens])
                     for i in h.positions]
             self._issued_stores[op.op_id] = (h, req_id, info)
+            for i in h.positions:
+                self._storing[keys[i]] = op.op_id
             meta.stores.append(op)
 
     _kv_cache_manager = None
@@ -213,19 +323,23 @@ class KVTierScheduler:
         wm = getattr(output, "kv_connector_worker_meta", None)
         if not isinstance(wm, KVTierWorkerMetadata):
             return
-        if wm.attached and not self._attached:
+        self._ranks_attached |= set(wm.attached)
+        if not self._attached and len(self._ranks_attached) >= self.geometry.tp_size:
             self._attached = True
-            self.shared.unlink()                    # both sides mapped: memory lives as long as they do
-        for op_id, ok in wm.store_results.items():
+            self.shared.unlink()                    # every rank mapped: memory lives as long as they do
+        for op_id, ok in self._store_tally.add(wm.store_results):
             entry = self._issued_stores.pop(op_id, None)
             if entry is None:
                 continue
             h, _, info = entry
+            for k in h.keys:
+                if self._storing.get(k) == op_id:
+                    del self._storing[k]
             published = self.cache.complete_store(h, ok) and ok
             if published:
                 for block_hash, parent, tokens in info:
                     self.events.stored([block_hash], parent, tokens)
-        for op_id, ok in wm.load_results.items():
+        for op_id, ok in self._load_tally.add(wm.load_results):
             if op_id in self._issued_loads:
                 h = self._issued_loads.pop(op_id)
                 if h is not None:
@@ -237,6 +351,7 @@ class KVTierScheduler:
         keep = []
         for p in self._waiting:            # never issued: nobody will copy from these slots
             if p.req_id == req_id:
+                self._loaded(p, ok=False)
                 if p.handle is not None:
                     self.cache.complete_load(p.handle, success=False)
             else:

@@ -27,6 +27,7 @@ from ...config import KVTierConfig
 from ...errors import ConfigError, KVTierError
 from ...keys import Namespace
 from ...layout import round_up
+from ...native import ranges
 from ...tiers.host import SLOT_ALIGN
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class SharedArena:
             os.close(fd)
         self.array = np.frombuffer(self._mmap, dtype=np.uint8)
         self.base = self.array.ctypes.data
+        self._range = ranges.register(self.array, owner=f"shared host arena {path}")   # for the native copies
 
     @classmethod
     def create(cls, path: str, nbytes: int, key: str = "host.capacity_bytes") -> "SharedArena":
@@ -93,6 +95,7 @@ class SharedArena:
             pass
 
     def close(self) -> None:
+        self._range.close()
         self.array = None
         try:
             self._mmap.close()

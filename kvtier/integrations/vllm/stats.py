@@ -24,6 +24,8 @@ COUNTERS = (
     "store_bytes",
     "load_seconds",         # worker time spent copying
     "store_seconds",
+    "load_unwaited_ops",    # synchronous loads the forward read without waiting for: recomputed
+    "plan_recomputed_blocks",   # hit blocks the load plan chose to recompute (slower to load)
 )
 
 
