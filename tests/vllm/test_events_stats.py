@@ -106,3 +106,28 @@ def test_prometheus_counters_follow_observed_stats():
     labels = {"model_name": "m", "engine": "0"}
     assert REGISTRY.get_sample_value("vllm:kvtier_hit_blocks_total", labels) == 5
     assert REGISTRY.get_sample_value("vllm:kvtier_load_bytes_total", labels) == 4096
+    prom.observe({"plan_disk_load_gbps": 1.5, "plan_prefill_s_per_token": 2e-4}, engine_idx=0)
+    prom.observe({"plan_disk_load_gbps": 0.25}, engine_idx=0)
+    assert REGISTRY.get_sample_value("vllm:kvtier_plan_disk_load_gbps", labels) == 0.25
+    assert REGISTRY.get_sample_value("vllm:kvtier_plan_prefill_s_per_token", labels) == 2e-4
+
+
+def test_load_plan_measurements_travel_as_gauges():
+    """Counters add up across workers and intervals; the plan's measurements are the latest value."""
+    from kvtier.integrations.vllm.stats import KVTierConnectorStats, plan_gauges
+    from kvtier.load_plan import LoadPlanner
+
+    planner = LoadPlanner()
+    for _ in range(3):
+        planner.observe_prefill(1000, 0.5)
+    planner.observe("disk", 1 << 20, 0.01)
+    g = plan_gauges(planner.stats())
+    assert g["plan_prefill_s_per_token"] == pytest.approx(5e-4)
+    assert "plan_disk_load_gbps" in g and "plan_remote_load_gbps" not in g
+    a = KVTierConnectorStats(data={"hit_blocks": 2})
+    a.set_gauges({"plan_disk_load_gbps": 1.0, "not_a_gauge": 7})
+    b = KVTierConnectorStats(data={"hit_blocks": 3})
+    b.set_gauges({"plan_disk_load_gbps": 0.5})
+    a.aggregate(b)
+    assert a.data["hit_blocks"] == 5 and a.data["plan_disk_load_gbps"] == 0.5 and "not_a_gauge" not in a.data
+    assert a.reduce()["plan_disk_load_gbps"] == 0.5

@@ -128,8 +128,9 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
 
     # ---- stats ------------------------------------------------------------------------
     def get_kv_connector_stats(self) -> KVTierConnectorStats | None:
-        side = self.scheduler if self.scheduler is not None else self.worker
-        return side.stats.take()
+        if self.scheduler is not None:
+            return self.scheduler.take_stats()
+        return self.worker.stats.take()
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVTierConnectorStats:

@@ -41,7 +41,7 @@ from .geometry import EngineGeometry
 from .metadata import ArenaInfo, KVTierConnectorMetadata, KVTierWorkerMetadata, LoadOp, RankTally, StoreOp
 from .options import ConnectorOptions
 from .shm import arena_path, build_shared_cache
-from .stats import KVTierConnectorStats
+from .stats import KVTierConnectorStats, plan_gauges
 
 log = logging.getLogger(__name__)
 
@@ -362,8 +362,12 @@ class KVTierScheduler:
         self.events.add_records(self.records.take())
         return self.events.take()
 
-    def get_stats(self) -> KVTierConnectorStats | None:
-        return self.stats.take()
+    def take_stats(self) -> KVTierConnectorStats | None:
+        """Counters since the last take, with the load plan's measurements as gauges."""
+        out = self.stats.take()
+        if out is not None and self.planner is not None:
+            out.set_gauges(plan_gauges(self.planner.stats()))
+        return out
 
     def shutdown(self) -> None:
         try:

@@ -27,6 +27,28 @@ COUNTERS = (
     "load_unwaited_ops",    # synchronous loads the forward read without waiting for: recomputed
     "plan_recomputed_blocks",   # hit blocks the load plan chose to recompute (slower to load)
 )
+# The load plan's live measurements (scheduler side): gauges, the latest value wins.
+GAUGES = (
+    "plan_prefill_s_per_token",     # the engine's measured prefill compute per token
+    "plan_host_load_gbps",          # each tier's load bandwidth as the plan sees it now
+    "plan_disk_load_gbps",
+    "plan_remote_load_gbps",
+    "plan_disk_inflight_bytes",     # bytes being loaded from the tier now
+    "plan_remote_inflight_bytes",
+)
+
+
+def plan_gauges(planner_stats: dict) -> dict[str, float]:
+    """The GAUGES a LoadPlanner's stats() supplies (tiers never loaded from are left out)."""
+    out = {}
+    if "prefill.s_per_token" in planner_stats:
+        out["plan_prefill_s_per_token"] = planner_stats["prefill.s_per_token"]
+    for tier in ("host", "disk", "remote"):
+        if f"{tier}.load_gbps" in planner_stats:
+            out[f"plan_{tier}_load_gbps"] = planner_stats[f"{tier}.load_gbps"]
+        if tier != "host" and f"{tier}.inflight_bytes" in planner_stats:
+            out[f"plan_{tier}_inflight_bytes"] = planner_stats[f"{tier}.inflight_bytes"]
+    return out
 
 
 @dataclass
@@ -44,11 +66,15 @@ class KVTierConnectorStats(KVConnectorStats):
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         for k, v in other.data.items():
-            self.data[k] = self.data.get(k, 0) + v
+            self.data[k] = v if k in GAUGES else self.data.get(k, 0) + v
         return self
+
+    def set_gauges(self, values: dict[str, float]) -> None:
+        self.data.update({k: v for k, v in values.items() if k in GAUGES})
 
     def reduce(self) -> dict[str, int | float]:
         out: dict[str, int | float] = {k: self.data.get(k, 0) for k in COUNTERS}
+        out.update({k: self.data[k] for k in GAUGES if k in self.data})
         asked = out["lookup_blocks"]
         out["hit_rate"] = round(out["hit_blocks"] / asked, 4) if asked else 0.0
         for side in ("load", "store"):
@@ -69,7 +95,7 @@ class KVTierConnectorStats(KVConnectorStats):
 
 
 class KVTierPromMetrics(KVConnectorPromMetrics):
-    """``vllm:kvtier_<counter>_total`` counters, one per engine."""
+    """``vllm:kvtier_<counter>_total`` counters and ``vllm:kvtier_plan_*`` gauges, one per engine."""
 
     def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
@@ -80,9 +106,18 @@ class KVTierPromMetrics(KVConnectorPromMetrics):
                                         labelnames=labelnames)
             self._counters[key] = {idx: counter.labels(*values)
                                    for idx, values in per_engine_labelvalues.items()}
+        self._gauges: dict[str, dict[int, Any]] = {}
+        for key in GAUGES:
+            gauge = self._gauge_cls(name=f"vllm:kvtier_{key}",
+                                    documentation=f"kvtier load plan: {key[5:].replace('_', ' ')}",
+                                    labelnames=labelnames, multiprocess_mode="mostrecent")
+            self._gauges[key] = {idx: gauge.labels(*values) for idx, values in per_engine_labelvalues.items()}
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         for key, per_engine in self._counters.items():
             v = transfer_stats_data.get(key, 0)
             if v:
                 per_engine[engine_idx].inc(v)
+        for key, per_engine in self._gauges.items():
+            if key in transfer_stats_data:
+                per_engine[engine_idx].set(transfer_stats_data[key])
