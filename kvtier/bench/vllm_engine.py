@@ -61,11 +61,13 @@ def _launch(spec: dict, workdir: Path, name: str, timeout: float, env: dict | No
     spec_path, out_path, log_path = (workdir / f"{name}.{ext}" for ext in ("spec.json", "out.json", "log"))
     spec_path.write_text(json.dumps(spec))
     out_path.unlink(missing_ok=True)
+    child_env = engine_env(env, int(spec.get("tensor_parallel_size", 1)) * int(spec.get("pipeline_parallel_size", 1)))
+    if spec.get("kv_cache_memory_bytes"):
+        # vLLM's CPU backend takes VLLM_CPU_KVCACHE_SPACE over kv_cache_memory_bytes
+        child_env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     with open(log_path, "w") as log:
         proc = subprocess.run([sys.executable, "-m", "kvtier.bench.vllm_engine", str(spec_path), str(out_path)],
-                              stdout=log, stderr=subprocess.STDOUT,
-                              env=engine_env(env, int(spec.get("tensor_parallel_size", 1))
-                                             * int(spec.get("pipeline_parallel_size", 1))),
+                              stdout=log, stderr=subprocess.STDOUT, env=child_env,
                               timeout=timeout, cwd=str(REPO))
     return proc.returncode, out_path, log_path.read_text()
 

@@ -67,6 +67,7 @@ class _ReqState:
     hit_tiers: tuple = ()         # tier of each block the last lookup decided to load
     deferred_since: float | None = None   # first lookup deferred behind a store in flight
     plan_deadline: float | None = None    # a waiting load plan's deadline
+    looked_up: bool = False       # counted in lookup_blocks / hit_blocks already
 
 
 class KVTierScheduler:
@@ -149,8 +150,10 @@ class KVTierScheduler:
             if plan.num_blocks < found:
                 self._count("plan_recomputed_blocks", found - plan.num_blocks)
             found = plan.num_blocks
-        self._count("lookup_blocks", limit - start)
-        self._count("hit_blocks", res.num_blocks)
+        if not st.looked_up:            # vLLM asks again every step a request waits: count it once
+            st.looked_up = True
+            self._count("lookup_blocks", limit - start)
+            self._count("hit_blocks", res.num_blocks)
         if found < self.opts.min_load_blocks:
             return 0, False
         st.num_hit = found

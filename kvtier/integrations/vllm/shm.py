@@ -46,12 +46,14 @@ def arena_path(engine_id: str) -> str:
 class SharedArena:
     """One shared mapping of ``nbytes`` bytes backed by a file in /dev/shm."""
 
-    def __init__(self, path: str, nbytes: int, fd: int):
+    def __init__(self, path: str, nbytes: int, fd: int, populate: bool = True):
         self.path = path
         self.nbytes = nbytes
         try:
-            # MAP_POPULATE: map every page now, so no copy pays for page faults
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            # MAP_POPULATE (creator): allocate and map every page now, so no copy pays for it.
+            # A worker attaching maps lazily: the pages exist already, and populating a whole
+            # arena inside the first request's step would stall it (~0.1 s per GiB).
+            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
             self._mmap = mmap.mmap(fd, nbytes, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
@@ -86,7 +88,7 @@ class SharedArena:
         if size != nbytes:
             os.close(fd)
             raise KVTierError(f"host arena {path} has {size} bytes, expected {nbytes}")
-        return cls(path, nbytes, fd)
+        return cls(path, nbytes, fd, populate=False)
 
     def unlink(self) -> None:
         try:
