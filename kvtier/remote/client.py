@@ -278,6 +278,7 @@ class RemoteTier(Tier):
 
     # ---- Tier -----------------------------------------------------------------------
     def write(self, keys, slots, srcs) -> list[bool]:
+        self._check_open("write")
         ok = [False] * len(keys)
         if not keys:
             return ok
@@ -294,6 +295,7 @@ class RemoteTier(Tier):
         return ok
 
     def read(self, keys, slots, dsts) -> list[bool]:
+        self._check_open("read")
         ok = [False] * len(keys)
 
         def fill(r: _Request) -> None:
@@ -317,6 +319,7 @@ class RemoteTier(Tier):
         return ok
 
     def contains(self, keys) -> list[bool]:
+        self._check_open("contains")
         have = [False] * len(keys)
 
         def seen(r: _Request) -> None:
@@ -342,6 +345,7 @@ class RemoteTier(Tier):
     def drop(self) -> list[dict | None]:
         """Drop this tier's namespace, every block in it, on every server (``drop`` request);
         each server's reply body, None where it did not answer or refused."""
+        self._check_open("drop")
         return self.ping("drop")
 
     def stats(self) -> dict:
@@ -350,6 +354,8 @@ class RemoteTier(Tier):
         return d
 
     def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
         with self._lock:
             socks = [s for lst in self._idle.values() for s in lst]

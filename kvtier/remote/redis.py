@@ -131,6 +131,7 @@ class RedisTier(Tier):
 
     # ---- Tier -----------------------------------------------------------------------
     def write(self, keys, slots, srcs) -> list[bool]:
+        self._check_open("write")
         ok = [False] * len(keys)
         values = []
         for src in srcs:
@@ -147,6 +148,7 @@ class RedisTier(Tier):
         return ok
 
     def read(self, keys, slots, dsts) -> list[bool]:
+        self._check_open("read")
         ok = [False] * len(keys)
         want = HEADER.size + self.block_bytes
 
@@ -175,6 +177,7 @@ class RedisTier(Tier):
         return ok
 
     def contains(self, keys) -> list[bool]:
+        self._check_open("contains")
         have = [False] * len(keys)
 
         def seen(i: int, r) -> bool:
@@ -194,6 +197,7 @@ class RedisTier(Tier):
         return d
 
     def close(self) -> None:
+        super().close()
         for c in self._clients:
             try:
                 c.close()
