@@ -26,3 +26,12 @@ def pytest_collection_modifyitems(config, items):
             if item.get_closest_marker(mark) is not None and not ok:   # a marker, not a folder name
                 item.add_marker(pytest.mark.skip(reason=why))
 
+
+
+@pytest.fixture(autouse=True)
+def _native_ranges_mode():
+    """Every native span op in the tests must stay inside registered memory ("strict");
+    a folder whose tests copy through scratch buffers of their own overrides this fixture."""
+    from kvtier.native import ranges
+    with ranges.enforcing("strict"):
+        yield

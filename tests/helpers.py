@@ -34,3 +34,21 @@ def load_and_verify(cache, ids, block_bytes: int, owner="r") -> int:
         assert bytes(view) == block(key, block_bytes)
     cache.complete_load(handle)
     return n
+
+
+def hold_native_copies(monkeypatch):
+    """Make kvtier's native span copies wait until the returned event is set (``.calls`` counts them)."""
+    import threading
+
+    from kvtier import native
+
+    ev = threading.Event()
+    ev.calls = 0
+    real = native.copy_spans
+
+    def held(*a, **k):
+        ev.calls += 1
+        assert ev.wait(30), "the test never released the copy"
+        real(*a, **k)
+    monkeypatch.setattr(native, "copy_spans", held)
+    return ev

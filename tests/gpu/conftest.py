@@ -11,6 +11,6 @@ from kvtier.native import ranges
 
 
 @pytest.fixture(autouse=True)
-def _known_native_ranges():
+def _native_ranges_mode():
     with ranges.enforcing("known"):
         yield

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kvtier import native
+from tests.helpers import hold_native_copies
 from kvtier.bench.kv_layouts import LAYOUTS, ModelShape, make_kv
 from kvtier.errors import ConfigError
 from kvtier.gpu import torch_ref
@@ -42,16 +43,7 @@ def slots_for(lay, n):
 @pytest.fixture
 def gate(monkeypatch):
     """Native span copies wait for ``gate.set()``; ``gate.calls`` counts them."""
-    ev = threading.Event()
-    ev.calls = 0
-    real = native.copy_spans
-
-    def held(*a, **k):
-        ev.calls += 1
-        assert ev.wait(30), "the test never released the copy"
-        real(*a, **k)
-    monkeypatch.setattr(native, "copy_spans", held)
-    return ev
+    return hold_native_copies(monkeypatch)
 
 
 @pytest.fixture

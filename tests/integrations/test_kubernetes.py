@@ -183,11 +183,7 @@ def test_the_valkey_variant_runs_no_kvtier_server():
 def test_the_vllm_command_hands_vllm_the_transfer_config_whole(tmp_path):
     """The container's command line, expanded as the kubelet does and run by bash, with a
     stand-in `vllm` that records its arguments."""
-    import os
-    import subprocess
-    import sys
 
-    from .kube import expand
     docs = render(K8S / "overlays" / "example")
     c = container(find(docs, "Deployment", "vllm"), "vllm")
     cm = find(docs, "ConfigMap", "kvtier-vllm")["data"]

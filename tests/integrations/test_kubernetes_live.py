@@ -28,7 +28,7 @@ from kvtier.integrations.vllm.options import ConnectorOptions
 from tests.helpers import ROOT
 from tests.remote.servers import ServerProc, _env, free_port
 
-from .kube import K8S, find, flag, render, server_args
+from .kube import K8S, find, render, server_args
 
 pytest.importorskip("zmq")
 pytest.importorskip("prometheus_client")

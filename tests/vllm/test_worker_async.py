@@ -17,24 +17,17 @@ import pytest
 import torch
 
 from kvtier import native
+from tests.helpers import hold_native_copies
 
-from .test_geometry import BT, _arena, _geometry, _spec, _tensors, _worker
+from .test_geometry import _arena, _geometry, _spec, _tensors, _worker
 
 pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture
 def gate(monkeypatch):
-    ev = threading.Event()
-    ev.calls = 0
-    real = native.copy_spans
-
-    def held(*a, **k):
-        ev.calls += 1
-        assert ev.wait(30), "the test never released the copy"
-        real(*a, **k)
-    monkeypatch.setattr(native, "copy_spans", held)
-    return ev
+    """Native span copies wait for ``gate.set()``; ``gate.calls`` counts them."""
+    return hold_native_copies(monkeypatch)
 
 
 def _wait_until(cond, timeout=10.0):
