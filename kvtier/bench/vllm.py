@@ -120,9 +120,12 @@ def _plan(args, work: Path) -> list[dict]:
         return {"op": "ttft", "prompt": prompt, "case": case, "reset": reset, "settle_s": args.settle}
 
     hits = [_prompt(6000 + i, n, vocab) for i in range(reps + 1)]       # the first one teaches the disk speed
-    warm = [ttft(_prompt(7000 + i, n, vocab), "warm") for i in range(3)]  # ... and these the prefill cost
+    # ... and these the prefill cost (a prefill step is measured when a decode step follows it)
+    warm = [{"op": "generate", "prompts": [_prompt(7000 + i, n, vocab)], "max_tokens": 2} for i in range(3)]
+    # The last step's stores are reported (and published) by the step after it: end with one.
+    flush = {"op": "generate", "prompts": [_prompt(7500, 64, vocab)], "max_tokens": 2}
     stored = run_engine(dict(base, kvtier=kvtier, phases=[ttft(_prompt(3000, n, vocab), "warmup")]
-                             + [ttft(p, "cold") for p in hits]), work, "plan-store", timeout=3600, env=env)
+                             + [ttft(p, "cold") for p in hits] + [flush]), work, "plan-store", timeout=3600, env=env)
     cold = statistics.median(_ttfts(stored["phases"], "cold"))
     blocks = (n - 1) // 32
     delay = args.throttle * cold / blocks
@@ -145,7 +148,10 @@ def _plan(args, work: Path) -> list[dict]:
                         served_tokens=int(served), ratio=round(med / cold, 4), throttle=args.throttle,
                         disk_delay_s_per_block=round(delay, 4),
                         recomputed_blocks=conn.get("plan_recomputed_blocks", 0)))
-    return rows + _burst(args, work, dict(base, max_model_len=args.prompt_tokens + 1024), kvtier, env)
+    # The burst's engine holds every request's KV at once, so the requests really run together.
+    burst_kv = (args.burst + 2) * (-(-args.prompt_tokens // 32)) * block_bytes(args.dtype)
+    return rows + _burst(args, work, dict(base, max_model_len=args.prompt_tokens + 1024,
+                                          kv_cache_memory_bytes=burst_kv), kvtier, env)
 
 
 def _burst(args, work: Path, base: dict, kvtier: dict, env: dict) -> list[dict]:
@@ -159,8 +165,9 @@ def _burst(args, work: Path, base: dict, kvtier: dict, env: dict) -> list[dict]:
     shutil.rmtree(disk, ignore_errors=True)
     cfg = dict(kvtier, disk=dict(kvtier["disk"], path=str(disk)))
     warm = [{"op": "generate", "prompts": [_prompt(7100 + i, n, vocab)], "max_tokens": 2} for i in range(3)]
-    run_engine(dict(base, kvtier=cfg, phases=[{"op": "generate", "prompts": [p], "max_tokens": 1} for p in prompts]),
-               work, "burst-store", timeout=3600, env=env)
+    flush = {"op": "generate", "prompts": [_prompt(7500, 64, vocab)], "max_tokens": 2}
+    run_engine(dict(base, kvtier=cfg, phases=[{"op": "generate", "prompts": [p], "max_tokens": 1} for p in prompts]
+                    + [flush]), work, "burst-store", timeout=3600, env=env)
     rows = []
     for name, bound in (("backpressure", {}), ("unbounded", {"inflight_bytes": {"disk": "1TiB", "host": "1TiB"}})):
         copy = work / f"disk-burst-{name}"
