@@ -129,7 +129,7 @@ def run(args) -> list[dict]:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kvtier-bench-pressure-"))
     model = build_llama(dtype=args.dtype, **MODELS[args.model])      # built once, shared by every run
     vocab = MODELS[args.model]["vocab_size"]
-    env = dict(_honour_kv_bytes(work), VLLM_CPU_NUM_OF_RESERVED_CPU=str(args.reserved_cpus))
+    env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": str(args.reserved_cpus)}   # run_engine honours kv_cache_memory_bytes
 
     def turns(seed: int, one_at_a_time: bool = False, case: str = "") -> dict:
         return {"op": "turns", "conversations": args.conversations, "prompt_tokens": args.prompt_tokens,
@@ -162,27 +162,6 @@ def _profiled(phases: list[dict], folder: str | None, name: str) -> list[dict]:
         return phases
     Path(folder).mkdir(parents=True, exist_ok=True)
     return [dict(p, profile=str(Path(folder).resolve() / f"{name}-{p['case']}")) for p in phases]
-
-
-def _honour_kv_bytes(work: Path) -> dict:
-    """Engine environment under which ``kv_cache_memory_bytes`` holds.
-
-    vLLM's CPU platform replaces ``kv_cache_memory_bytes`` by
-    ``VLLM_CPU_KVCACHE_SPACE`` GiB whenever that variable is set, and
-    :func:`~kvtier.bench.vllm_engine.engine_env` always sets it (an empty value
-    does not help: vLLM parses it as an int).  A ``sitecustomize`` on the
-    engines' path removes it before vLLM starts.
-    """
-    import os
-
-    from .vllm_engine import REPO
-    site = work / "engine-site"
-    site.mkdir(parents=True, exist_ok=True)
-    (site / "sitecustomize.py").write_text(
-        '"""Engines of kvtier bench pressure: kv_cache_memory_bytes, not VLLM_CPU_KVCACHE_SPACE, sizes the cache."""\n'
-        'import os\nos.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)\n')
-    path = [str(site), str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
-    return {"PYTHONPATH": os.pathsep.join(path)}
 
 
 def _phase(out: dict, case: str) -> dict | None:

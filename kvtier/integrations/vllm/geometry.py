@@ -74,14 +74,6 @@ class EngineGeometry:
         return self.rank_bytes * self.tp_size
 
     @property
-    def num_layers(self) -> int:
-        return sum(g.num_layers for g in self.groups)
-
-    @property
-    def layer_names(self) -> tuple[str, ...]:
-        return tuple(n for g in self.groups for n in g.layer_names)
-
-    @property
     def hybrid(self) -> bool:
         return len(self.groups) > 1
 

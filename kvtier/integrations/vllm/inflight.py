@@ -17,29 +17,34 @@ from typing import Any
 @dataclass
 class InflightOp:
     op: Any                        # LoadOp | StoreOp
-    transfers: list = field(default_factory=list)
+    transfers: list = field(default_factory=list)   # per KV cache group; None: no page of that group
     error: str | None = None       # set when submitting failed: the op failed without copying
 
     @property
     def num_blocks(self) -> int:
         return len(self.op.slots)
 
+    @property
+    def live(self) -> list:
+        """The transfers actually submitted."""
+        return [t for t in self.transfers if t is not None]
+
     def done(self) -> bool:
-        return all(t.done() for t in self.transfers)
+        return all(t.done() for t in self.live)
 
     def ok(self) -> bool:
         """Valid once done(): every transfer succeeded and nothing failed to submit."""
-        return self.error is None and all(t.ok for t in self.transfers)
+        return self.error is None and all(t.ok for t in self.live)
 
     def why(self) -> str:
-        return self.error or next((str(t.error) for t in self.transfers if t.ok is False), "unknown")
+        return self.error or next((str(t.error) for t in self.live if t.ok is False), "unknown")
 
     def seconds(self) -> float:
-        return sum(t.seconds or 0.0 for t in self.transfers)
+        return sum(t.seconds or 0.0 for t in self.live)
 
     def wait_on_stream(self) -> None:
         """Order the compute stream after every transfer (the host waits for host copies)."""
-        for t in self.transfers:
+        for t in self.live:
             t.wait_on_stream()
 
 

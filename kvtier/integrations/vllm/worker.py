@@ -86,11 +86,6 @@ class KVTierWorker:
         self.stats = KVTierConnectorStats()       # since vLLM last took them
         self.totals = KVTierConnectorStats()      # since start-up
 
-    @property
-    def layout(self) -> BlockLayout | None:
-        """The first group's layout (the only one for a single-group model)."""
-        return self.layouts[0] if self.layouts else None
-
     def _count(self, key: str, n: float) -> None:
         self.stats.add(key, n)
         self.totals.add(key, n)
@@ -189,7 +184,6 @@ class KVTierWorker:
                 self._finish_load(InflightOp(op))
                 continue
             inflight = self._submit(op, "load" if op.is_async else "layers")
-            inflight.transfers = [t for t in inflight.transfers if t is not None]
             (self._async_loads if op.is_async else self._step_loads).append(inflight)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -200,7 +194,7 @@ class KVTierWorker:
         self._waited.add(where)
         for inflight in self._step_loads:
             t = inflight.transfers[gi] if gi < len(inflight.transfers) else None
-            if t is not None and hasattr(t, "wait_for_layer"):
+            if t is not None:
                 t.wait_for_layer(li)
 
     def wait_for_save(self, meta: KVTierConnectorMetadata) -> None:
@@ -208,7 +202,6 @@ class KVTierWorker:
         self._settle_step_loads()
         for op in meta.stores:
             inflight = self._submit(op, "store")
-            inflight.transfers = [t for t in inflight.transfers if t is not None]
             self._stores.append(inflight)
             self._fenced.append(inflight)
 
@@ -216,9 +209,9 @@ class KVTierWorker:
         """This step's synchronous loads are over once the forward is: results, and any layer nobody waited for."""
         loads, self._step_loads = self._step_loads, []
         for inflight in loads:
-            for t in inflight.transfers:
+            for t in inflight.live:
                 t.wait()
-            unwaited = [(gi, li) for gi, t in enumerate(inflight.transfers) if hasattr(t, "layers")
+            unwaited = [(gi, li) for gi, t in enumerate(inflight.transfers) if t is not None
                         for li in range(len(t.layers)) if (gi, li) not in self._waited]
             if unwaited and inflight.error is None:
                 # The forward may have read these pages before they landed: recompute.
@@ -239,7 +232,7 @@ class KVTierWorker:
         """A load is over (copied, failed, or never started): its results, all reported together,
         so vLLM never hears of a request's load before its pages are no longer being written."""
         op = inflight.op
-        n = inflight.num_blocks if inflight.transfers or inflight.error else 0   # blocks it tried to copy
+        n = inflight.num_blocks if inflight.live or inflight.error else 0   # blocks it tried to copy
         ok = inflight.ok()
         if op.failed_block_ids:
             self._fail_load(op, op.failed_block_ids)
