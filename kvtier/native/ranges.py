@@ -34,6 +34,7 @@ registered or closed.
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import logging
 import os
@@ -148,6 +149,8 @@ class RangeRegistry:
 
     def __init__(self):
         self._lock = threading.Lock()
+        self._holder: int | None = None        # the thread inside _update, if any
+        self._queued: collections.deque[Registration] = collections.deque()
         self._live: dict[int, Registration] = {}
         self._snap = _Snapshot([])
         self.num_unregistered_spans = 0        # spans let through in "known" mode
@@ -162,9 +165,7 @@ class RangeRegistry:
             raise ValueError(f"not a host memory range: {addr:#x} + {size} bytes")
         reg = Registration(self, addr, size, str(owner))
         if size:
-            with self._lock:
-                self._live[id(reg)] = reg
-                self._rebuild()
+            self._update(add=reg)
         if size and nbytes is None and not isinstance(obj, tuple):
             try:
                 reg._finalizer = weakref.finalize(obj, _forget, weakref.ref(reg))
@@ -173,12 +174,34 @@ class RangeRegistry:
         return reg
 
     def _remove(self, reg: Registration) -> None:
-        with self._lock:
-            if self._live.pop(id(reg), None) is not None:
-                self._rebuild()
+        self._update(drop=reg)
 
-    def _rebuild(self) -> None:
-        self._snap = _Snapshot([(r.addr, r.addr + r.nbytes, r.owner) for r in self._live.values()])
+    def _update(self, add: Registration | None = None, drop: Registration | None = None) -> None:
+        """Add or drop one range and rebuild the snapshot.
+
+        Rebuilding allocates, so the garbage collector may run inside it and call
+        the finalizer of a registered buffer, which drops that buffer's range: on
+        the very thread that holds the lock.  Such a nested drop is queued and
+        applied by the outer call before it lets go of the lock, never waited for
+        (waiting would deadlock the thread on itself)."""
+        me = threading.get_ident()
+        if self._holder == me:
+            if drop is not None:
+                self._queued.append(drop)
+            return
+        with self._lock:
+            self._holder = me
+            try:
+                if add is not None:
+                    self._live[id(add)] = add
+                changed = add is not None or (drop is not None and self._live.pop(id(drop), None) is not None)
+                while changed:
+                    self._snap = _Snapshot([(r.addr, r.addr + r.nbytes, r.owner) for r in self._live.values()])
+                    changed = False
+                    while self._queued:
+                        changed |= self._live.pop(id(self._queued.popleft()), None) is not None
+            finally:
+                self._holder = None
 
     def ranges(self) -> list[tuple[int, int, str]]:
         """The merged ranges: (address, nbytes, owners)."""

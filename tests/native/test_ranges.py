@@ -94,6 +94,37 @@ def test_registration_ends_with_close_or_with_the_buffer():
     assert not any(s == addr for s, _, _ in ranges.REGISTRY.ranges())
 
 
+GC_INSIDE_REBUILD = """
+import gc
+import numpy as np
+from kvtier.native import ranges
+gc.set_threshold(1)          # collect on (almost) every allocation: inside every rebuild too
+class Cycle:
+    pass
+for i in range(300):
+    c = Cycle(); c.me = c; c.buf = np.zeros(16, np.uint8)
+    ranges.register(c.buf, owner="in a cycle")
+    del c                    # only the collector frees it, whenever it next runs
+    ranges.register(bytearray(8), owner="other").close()
+gc.collect()
+print(len(ranges.REGISTRY.ranges()))
+"""
+
+
+def test_a_buffer_collected_while_the_registry_rebuilds_does_not_deadlock():
+    """The collector may free a registered buffer inside register()/close() of another
+    one, on the thread that holds the registry's lock; its range must still go."""
+    import subprocess, sys
+    from tests.helpers import ROOT
+    try:
+        out = subprocess.run([sys.executable, "-c", GC_INSIDE_REBUILD], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the range registry deadlocked on a finalizer run by the garbage collector")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"
+
+
 def test_tensor_views_register_their_whole_extent():
     torch = pytest.importorskip("torch")
     t = torch.zeros(4, 8, dtype=torch.float32)
