@@ -12,6 +12,9 @@ Engines, each in its own process, on the benchmark Llama:
     plain    the same engine KV, no connector
     floor    engine KV large enough to hold everything, no connector:
              every second turn is a vLLM prefix-cache hit
+    batch    the floor with no more requests running at once than the small
+             engine's KV holds second turns (``max_num_seqs``): the floor
+             for the batches kvtier's engine can run at all
 
 The three engines run in turn, ``--alternations`` rounds, each round starting
 with a different one, and the medians are reported.  The first round's kvtier
@@ -24,6 +27,7 @@ Rows (``seconds`` is a median over the engines of the case):
 
     turn1_{kvtier,plain,floor}       the cold first turns
     turn2_{kvtier,plain,floor}       the second turns
+    turn{1,2}_floor_same_batch       the batch engine
     seq_turn{1,2}_{kvtier,floor}     the control, one request at a time
 
 Each carries ``ratio_to_floor`` and ``ratio_to_plain`` (seconds over the same
@@ -35,6 +39,11 @@ another process), ``engine_tokens`` (the rest of ``cached_tokens``: vLLM's own
 cache), ``bytes`` (KV bytes kvtier served) and ``same_as_floor`` (the turn's
 outputs equal the floor's).  ``evicted_all`` on plain's second turn says
 whether vLLM alone served nothing from cache, as the workload intends.
+Second turns also carry ``ratio_to_same_batch`` (over the batch engine's).
+kvtier's rows carry ``connector_seconds`` (engine-thread time inside the
+connector's calls during the turn, both sides: its direct cost, immune to the
+machine's noise), ``connector_share`` (that over the turn's time) and
+``store_copy_seconds`` (time its store copies took on their own thread).
 """
 from __future__ import annotations
 
@@ -114,7 +123,10 @@ def plan(args) -> dict:
         raise ConfigError("--engine-kv", engine_kv,
                           f"less than the first turns' KV ({first} bytes), or nothing is evicted")
     everything = args.conversations * (longest + BLOCK_TOKENS) * per_token * 2   # both workloads' conversations
-    return {"per_token": per_token, "engine_kv": engine_kv, "max_len": max_len,
+    # second turns the small engine holds at once: the floor's "same batch" engine runs no more
+    second_blocks = -(-longest // BLOCK_TOKENS)
+    same_batch = max(1, min(args.max_num_seqs, engine_kv // (BLOCK_TOKENS * per_token) // second_blocks))
+    return {"per_token": per_token, "engine_kv": engine_kv, "max_len": max_len, "same_batch": same_batch,
             "floor_kv": -(-(everything * 5 // 4) // mib) * mib,
             "host": -(-(everything * 3 // 2 + 64 * mib) // mib) * mib}
 
@@ -142,17 +154,20 @@ def run(args) -> list[dict]:
     base = {"model": str(model), "dtype": args.dtype, "max_model_len": sizes["max_len"],
             "inprocess": not args.processes, "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": 4096}
     batched, control = turns(1, case="batched"), turns(2, one_at_a_time=True, case="seq")
-    runs: dict[str, list[dict]] = {"kvtier": [], "plain": [], "floor": []}
-    engines = [("kvtier", kvtier, sizes["engine_kv"]), ("plain", None, sizes["engine_kv"]),
-               ("floor", None, sizes["floor_kv"])]
+    runs: dict[str, list[dict]] = {"kvtier": [], "plain": [], "floor": [], "batch": []}
+    engines = [("kvtier", kvtier, sizes["engine_kv"], args.max_num_seqs),
+               ("plain", None, sizes["engine_kv"], args.max_num_seqs),
+               ("floor", None, sizes["floor_kv"], args.max_num_seqs),
+               ("batch", None, sizes["floor_kv"], sizes["same_batch"])]
     for i in range(args.alternations):
-        # each round runs all three engines, starting with a different one; the first
+        # each round runs every engine, starting with a different one; the first
         # round's kvtier and floor engines run the control too
-        for name, conn, kv_bytes in engines[i % 3:] + engines[:i % 3]:
-            extra = [control] if i == 0 and name != "plain" and not args.no_control else []
+        k = i % len(engines)
+        for name, conn, kv_bytes, seqs in engines[k:] + engines[:k]:
+            extra = [control] if i == 0 and name in ("kvtier", "floor") and not args.no_control else []
             phases = _profiled([batched] + extra, args.profile, f"{name}-{i}")
-            out = run_engine(dict(base, kvtier=conn, kv_cache_memory_bytes=kv_bytes, phases=phases),
-                             work, f"{name}-{i}", timeout=3600, env=env)
+            out = run_engine(dict(base, kvtier=conn, kv_cache_memory_bytes=kv_bytes, phases=phases,
+                                  max_num_seqs=seqs), work, f"{name}-{i}", timeout=3600, env=env)
             runs[name].append(out)
     return report(runs, args, sizes)
 
@@ -168,32 +183,44 @@ def _phase(out: dict, case: str) -> dict | None:
     return next((p for p in out["phases"] if p.get("op") == "turns" and p.get("case") == case), None)
 
 
-def _loaded_blocks(out: dict, case: str, turn: int) -> int | None:
-    """Blocks the connector loaded during one turn, from its counters after each turn."""
+def _during(out: dict, case: str, turn: int, key: str) -> float | None:
+    """How much a connector counter grew during one turn, from its values after each turn."""
     ph = _phase(out, case)
     after = ph["turns"][turn - 1]["connector"]
-    if after is None or "worker.load_blocks" not in after:
+    if after is None or key not in after:
         return None
     if turn > 1:
-        before = ph["turns"][turn - 2]["connector"]["worker.load_blocks"]
+        before = ph["turns"][turn - 2]["connector"][key]
     else:     # the counters are cumulative over the engine's life: subtract earlier phases
         earlier = [p for p in out["phases"][:out["phases"].index(ph)] if p.get("op") == "turns"]
-        before = earlier[-1]["turns"][-1]["connector"]["worker.load_blocks"] if earlier else 0
-    return after["worker.load_blocks"] - before
+        before = earlier[-1]["turns"][-1]["connector"][key] if earlier else 0
+    return after[key] - before
+
+
+def _loaded_blocks(out: dict, case: str, turn: int) -> int | None:
+    """Blocks the connector loaded during one turn."""
+    n = _during(out, case, turn, "worker.load_blocks")
+    return None if n is None else int(n)
+
+
+def _connector_seconds(out: dict, case: str, turn: int) -> float | None:
+    """Engine-thread time inside the connector's calls during one turn, both sides."""
+    parts = [_during(out, case, turn, k) for k in ("hook_seconds", "worker.hook_seconds")]
+    return None if None in parts else sum(parts)
 
 
 def report(runs: dict[str, list[dict]], args, sizes: dict) -> list[dict]:
     """Rows from the engines' results; see the module docstring."""
     floor_out = runs["floor"][0]        # the outputs every engine's are compared with
     rows = []
-    cases = [("batched", "", ("kvtier", "plain", "floor"))]
+    cases = [("batched", "", ("kvtier", "plain", "floor", "batch"))]
     if _phase(floor_out, "seq") is not None:
         cases.append(("seq", "seq_", ("kvtier", "floor")))
     for case, prefix, engines in cases:
         for turn in (1, 2):
             floor_rec = _phase(floor_out, case)["turns"][turn - 1]
             ref = {}
-            for name in ("floor", "plain"):
+            for name in ("floor", "plain", "batch"):
                 secs = [_phase(o, case)["turns"][turn - 1]["seconds"] for o in runs[name]
                         if _phase(o, case) is not None]
                 ref[name] = statistics.median(secs) if secs else None
@@ -218,6 +245,19 @@ def report(runs: dict[str, list[dict]], args, sizes: dict) -> list[dict]:
                         host_bytes=sizes["host"] if name == "kvtier" else 0,
                         conversations=args.conversations, one_at_a_time=case == "seq")
                 r["ratio"] = r["ratio_to_floor"] if turn == 2 or not ref["plain"] else r["ratio_to_plain"]
+                if name == "batch":
+                    r["case"] = f"{prefix}turn{turn}_floor_same_batch"
+                    r["max_num_seqs"] = sizes["same_batch"]
+                if ref["batch"] and turn == 2:
+                    r["ratio_to_same_batch"] = round(med / ref["batch"], 4)
+                if name == "kvtier":
+                    conn = [_connector_seconds(o, case, turn) for o in outs]
+                    if None not in conn:     # the connector's direct cost: its share of the turn's time
+                        r["connector_seconds"] = round(statistics.median(conn), 4)
+                        r["connector_share"] = round(statistics.median(c / t for c, t in zip(conn, secs)), 5)
+                    copies = [_during(o, case, turn, "worker.store_seconds") for o in outs]
+                    if None not in copies:
+                        r["store_copy_seconds"] = round(statistics.median(copies), 4)
                 if name == "plain" and turn == 2:
                     r["evicted_all"] = cached == 0
                 rows.append(r)

@@ -46,6 +46,9 @@ def test_plan_sizes_the_floor_and_host_tier_for_everything():
     first_turns = 4 * 512 * sizes["per_token"]
     assert sizes["engine_kv"] == 1 << 20 < first_turns
     assert sizes["floor_kv"] > 2 * first_turns and sizes["host"] > sizes["floor_kv"]
+    # the small engine holds 1 MiB / (32 tokens x per_token) blocks; a second turn needs 19 of them
+    blocks = (1 << 20) // (32 * sizes["per_token"])
+    assert sizes["same_batch"] == max(1, min(16, blocks // 19))
 
 
 @pytest.mark.vllm
@@ -56,6 +59,7 @@ def test_pressure_suite_end_to_end(tmp_path):
     assert main(["bench", "pressure", *TINY_RUN, "--workdir", str(tmp_path / "work"), "--json", str(out)]) == 0
     rows = {r["case"]: r for r in map(json.loads, out.read_text().splitlines())}
     expected = {f"turn{t}_{e}" for t in (1, 2) for e in ("kvtier", "plain", "floor")}
+    expected |= {f"turn{t}_floor_same_batch" for t in (1, 2)}
     expected |= {f"seq_turn{t}_{e}" for t in (1, 2) for e in ("kvtier", "floor")}
     assert set(rows) == expected
     for r in rows.values():
@@ -70,6 +74,15 @@ def test_pressure_suite_end_to_end(tmp_path):
         assert rows[case]["kvtier_tokens"] == full_blocks == rows[case]["cached_tokens"]
         assert rows[case]["bytes"] > 0
     assert rows["turn1_kvtier"]["kvtier_tokens"] == 0
+    # the connector's own time on the engine thread is measured, and is part of the turn's
+    for case in ("turn1_kvtier", "turn2_kvtier"):
+        assert 0 < rows[case]["connector_seconds"] < rows[case]["seconds"]
+        assert 0 < rows[case]["connector_share"] < 1
+    assert rows["turn1_kvtier"]["store_copy_seconds"] > 0
+    # the same-batch floor runs no more second turns at once than the small engine holds
+    assert rows["turn2_floor_same_batch"]["max_num_seqs"] >= 1
+    assert rows["turn2_floor_same_batch"]["cached_tokens"] == full_blocks
+    assert rows["turn2_kvtier"]["ratio_to_same_batch"] > 0
     # one sequence at a time, kvtier's outputs are the floor's, token for token
     assert rows["seq_turn1_kvtier"]["same_as_floor"] and rows["seq_turn2_kvtier"]["same_as_floor"]
     assert rows["seq_turn2_floor"]["ratio_to_floor"] == 1.0

@@ -15,6 +15,8 @@ at start-up with a ConfigError naming the key.
 """
 from __future__ import annotations
 
+import functools
+import time
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -36,6 +38,23 @@ from .worker import KVTierWorker, tp_rank
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
+
+
+def _timed(side: str):
+    """Count the time a hook spends on the engine's thread into that side's ``hook_seconds``:
+    everything the connector costs the step directly (copies it waits for included)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def timed(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(self, *args, **kwargs)
+            finally:
+                part = getattr(self, side)
+                if part is not None:
+                    part.count_hook_time(time.perf_counter() - t0)
+        return timed
+    return wrap
 
 
 class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
@@ -65,26 +84,32 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
         assert isinstance(meta, KVTierConnectorMetadata)
         return meta
 
+    @_timed("worker")
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
         if self.worker is not None:
             self.worker.before_step()          # called before every forward, loads or not
 
+    @_timed("worker")
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         self.worker.start_load_kv(self._meta())
 
+    @_timed("worker")
     def wait_for_layer_load(self, layer_name: str) -> None:
         self.worker.wait_for_layer_load(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
         return                     # a step's new blocks are enqueued once, in wait_for_save
 
+    @_timed("worker")
     def wait_for_save(self) -> None:
         self.worker.wait_for_save(self._meta())
 
+    @_timed("worker")
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return self.worker.get_finished()
 
+    @_timed("worker")
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         sending, recving = self.worker.get_finished()
         failed = self.worker.take_failed_requests()
@@ -92,9 +117,11 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
                                           finished_recving=(recving or set()) | failed,
                                           failed_recving=failed)
 
+    @_timed("worker")
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.take_load_errors()
 
+    @_timed("worker")
     def build_connector_worker_meta(self):
         return self.worker.take_results() if self.worker is not None else None
 
@@ -103,26 +130,33 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
         if self.scheduler is not None:
             self.scheduler.bind(self._kv_cache_manager)
 
+    @_timed("scheduler")
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         return self.scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
 
+    @_timed("scheduler")
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
+    @_timed("scheduler")
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
         return self.scheduler.build_connector_meta(scheduler_output)
 
+    @_timed("scheduler")
     def update_connector_output(self, connector_output) -> None:
         self.scheduler.update_connector_output(connector_output)
 
+    @_timed("scheduler")
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self.scheduler.request_finished(request)
         return False, None
 
+    @_timed("scheduler")
     def request_finished_all_groups(self, request, block_ids) -> tuple[bool, dict[str, Any] | None]:
         self.scheduler.request_finished(request)
         return False, None
 
+    @_timed("scheduler")
     def take_events(self):
         return self.scheduler.take_events()
 

@@ -107,6 +107,10 @@ class KVTierScheduler:
         self.stats.add(key, n)
         self.totals.add(key, n)
 
+    def count_hook_time(self, seconds: float) -> None:
+        """Time one of vLLM's calls into this side took (the connector's ``hook_seconds``)."""
+        self._count("hook_seconds", seconds)
+
     # ---- keys -------------------------------------------------------------------
     def _state(self, request) -> _ReqState:
         st = self._reqs.get(request.request_id)

@@ -24,9 +24,13 @@ COUNTERS = (
     "store_bytes",
     "load_seconds",         # worker time spent copying
     "store_seconds",
+    "hook_seconds",         # engine-thread time inside the connector's calls, each side: all it costs a
+                            # step directly (copies it waits for included)
+    "store_fence_seconds",  # time a step waited, before its forward, for the previous step's stores
     "load_unwaited_ops",    # synchronous loads the forward read without waiting for: recomputed
     "plan_recomputed_blocks",   # hit blocks the load plan chose to recompute (slower to load)
 )
+TIMINGS = ("hook_seconds", "store_fence_seconds")
 # The load plan's live measurements (scheduler side): gauges, the latest value wins.
 GAUGES = (
     "plan_prefill_s_per_token",     # the engine's measured prefill compute per token
@@ -83,7 +87,8 @@ class KVTierConnectorStats(KVConnectorStats):
         return out
 
     def is_empty(self) -> bool:
-        return not any(self.data.get(k) for k in COUNTERS)
+        """Nothing looked up, copied or failed (time spent in calls alone does not count)."""
+        return not any(self.data.get(k) for k in COUNTERS if k not in TIMINGS)
 
     def take(self) -> "KVTierConnectorStats | None":
         """A copy holding what was counted since the last take, or None if nothing was."""

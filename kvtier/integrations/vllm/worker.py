@@ -29,6 +29,7 @@ slot (``rank * rank_bytes`` into it; see geometry.py), group by group.
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
@@ -89,6 +90,10 @@ class KVTierWorker:
     def _count(self, key: str, n: float) -> None:
         self.stats.add(key, n)
         self.totals.add(key, n)
+
+    def count_hook_time(self, seconds: float) -> None:
+        """Time one of vLLM's calls into this side took (the connector's ``hook_seconds``)."""
+        self._count("hook_seconds", seconds)
 
     # ---- set-up -------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict) -> None:
@@ -172,8 +177,11 @@ class KVTierWorker:
     def before_step(self) -> None:
         """Order this step's compute after the previous step's stores (they read pages vLLM may reuse)."""
         fenced, self._fenced = self._fenced, []
+        t0 = time.perf_counter()
         for op in fenced:
             op.wait_on_stream()
+        if fenced:
+            self._count("store_fence_seconds", time.perf_counter() - t0)
 
     def start_load_kv(self, meta: KVTierConnectorMetadata) -> None:
         self._attach(meta.arena)
