@@ -49,6 +49,7 @@ static struct job *claimable_job(void)
 static void *worker_main(void *arg)
 {
     (void)arg;
+    pthread_setname_np(pthread_self(), "kvtier-pool"); /* so profilers can tell kvtier's time */
     pthread_mutex_lock(&pool.lock);
     for (;;) {
         struct job *job = claimable_job();

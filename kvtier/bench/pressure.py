@@ -43,7 +43,10 @@ Second turns also carry ``ratio_to_same_batch`` (over the batch engine's).
 kvtier's rows carry ``connector_seconds`` (engine-thread time inside the
 connector's calls during the turn, both sides: its direct cost, immune to the
 machine's noise), ``connector_share`` (that over the turn's time) and
-``store_copy_seconds`` (time its store copies took on their own thread).
+``store_copy_seconds`` (time its store copies took on their own thread),
+``kvtier_thread_cpu_seconds`` (CPU time of kvtier's threads during the turn)
+and ``connector_cpu_share`` (hooks plus those threads over the turn's time: an
+upper bound of what the connector takes from the engine, whatever the noise).
 """
 from __future__ import annotations
 
@@ -241,7 +244,7 @@ def report(runs: dict[str, list[dict]], args, sizes: dict) -> list[dict]:
                         cached_tokens=cached, kvtier_tokens=kv_tokens,
                         engine_tokens=cached - kv_tokens if kv_tokens is not None else None,
                         prompt_tokens=sum(recs[0]["prompt_tokens"]), same_as_floor=all(same),
-                        engine_kv_bytes=sizes["floor_kv"] if name == "floor" else sizes["engine_kv"],
+                        engine_kv_bytes=sizes["floor_kv"] if name in ("floor", "batch") else sizes["engine_kv"],
                         host_bytes=sizes["host"] if name == "kvtier" else 0,
                         conversations=args.conversations, one_at_a_time=case == "seq")
                 r["ratio"] = r["ratio_to_floor"] if turn == 2 or not ref["plain"] else r["ratio_to_plain"]
@@ -258,6 +261,14 @@ def report(runs: dict[str, list[dict]], args, sizes: dict) -> list[dict]:
                     copies = [_during(o, case, turn, "worker.store_seconds") for o in outs]
                     if None not in copies:
                         r["store_copy_seconds"] = round(statistics.median(copies), 4)
+                    # CPU of kvtier's own threads (transfer threads, native copy pool) during the turn:
+                    # with the hooks, an upper bound of what the connector takes from the engine
+                    threads = [sum(v for k, v in rec.get("thread_cpu_s", {}).items() if k.startswith("kvtier"))
+                               for rec in recs]
+                    r["kvtier_thread_cpu_seconds"] = round(statistics.median(threads), 4)
+                    if None not in conn:
+                        r["connector_cpu_share"] = round(statistics.median(
+                            (c + th) / t for c, th, t in zip(conn, threads, secs)), 5)
                 if name == "plain" and turn == 2:
                     r["evicted_all"] = cached == 0
                 rows.append(r)

@@ -173,7 +173,8 @@ def _chat(llm, sp_cls, phase: dict) -> dict:
 
 
 def _thread_cpu() -> dict[str, float]:
-    """CPU seconds of each thread of this process so far, by Python thread name ("native" for the rest)."""
+    """CPU seconds of each thread of this process so far, by Python thread name, else by the
+    thread's own name where kvtier set one (its native copy pool), else "native"."""
     import threading
     names = {t.native_id: t.name for t in threading.enumerate()}
     tick = os.sysconf("SC_CLK_TCK")
@@ -183,7 +184,13 @@ def _thread_cpu() -> dict[str, float]:
             fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        name = names.get(int(task.name), "native")
+        name = names.get(int(task.name))
+        if name is None:
+            try:
+                comm = (task / "comm").read_text().strip()
+            except OSError:
+                comm = ""
+            name = comm if comm.startswith("kvtier") else "native"
         out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
 

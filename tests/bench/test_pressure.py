@@ -79,6 +79,7 @@ def test_pressure_suite_end_to_end(tmp_path):
         assert 0 < rows[case]["connector_seconds"] < rows[case]["seconds"]
         assert 0 < rows[case]["connector_share"] < 1
     assert rows["turn1_kvtier"]["store_copy_seconds"] > 0
+    assert rows["turn1_kvtier"]["connector_cpu_share"] >= rows["turn1_kvtier"]["connector_share"]
     # the same-batch floor runs no more second turns at once than the small engine holds
     assert rows["turn2_floor_same_batch"]["max_num_seqs"] >= 1
     assert rows["turn2_floor_same_batch"]["cached_tokens"] == full_blocks
