@@ -9,6 +9,7 @@ what two experts would hit on the traffic this tier actually sees:
     experts   ``lru``: plain LRU, the floor;  the candidate: ``prefix`` (recency
               plus learned frequency, leaves before their ancestors, a
               request's tail as a whole) with first-seen blocks stored low
+              and weighted by the length of the run of new blocks they came in
     shadows   one :class:`~kvtier.policy.shadow.ShadowCache` per expert, of the
               tier's capacity, keys only, replaying the requests rebuilt from
               the tier's calls: what that expert alone would have hit
@@ -61,8 +62,9 @@ ROOTED = 0.9        # the share of rebuilt requests that must start at pos 0 for
 
 
 def _default_candidate(capacity: int) -> EvictionPolicy:
-    """``prefix`` with first-seen blocks stored low (where frequency predicts reuse)."""
-    return PrefixAware(capacity, first_low=True)
+    """``prefix`` with first-seen blocks stored low (where frequency predicts reuse) and
+    classed by the length of their run of new blocks (``tails``)."""
+    return PrefixAware(capacity, first_low=True, tails=True)
 
 
 def _discard(policy: EvictionPolicy, key: bytes) -> None:

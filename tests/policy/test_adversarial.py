@@ -30,7 +30,7 @@ def test_prefix_is_registered():
 
 
 @pytest.mark.parametrize("kwargs", [{"freq_weight": -1.0}, {"depth_weight": "x"}, {"max_freq": 0},
-                                    {"ghost_factor": 1.5}, {"gain": True}])
+                                    {"ghost_factor": 1.5}, {"gain": True}, {"tails": 1}])
 def test_prefix_rejects_bad_parameters(kwargs):
     with pytest.raises(ConfigError):
         PrefixAware(8, **kwargs)
@@ -168,6 +168,44 @@ def test_prefix_learns_frequency_matters_with_shared_documents():
     p_first, p_repeat = seen[0].reuse_probabilities
     assert p_repeat > 2 * p_first
     assert seen[0].freq_weight == seen[0].max_freq_weight
+
+
+def _short_turns_long_documents(num_requests: int = 1200):
+    """A shared 4-block head; a third of the requests add one new block that the next request
+    reuses (a short turn), a third add one that never comes back, a third a 24-block document
+    seen once."""
+    head, nxt, chains, turn = [0, 1, 2, 3], iter(range(100, 10**6)), [], None
+    for i in range(num_requests):
+        if i % 3 == 0:
+            turn = next(nxt)
+            chains.append(head + [turn])
+        elif i % 3 == 1:
+            chains.append(head + [turn, next(nxt)])
+        else:
+            chains.append(head + [next(nxt) for _ in range(24)])
+    return trace_from_blocks("turns-and-documents", chains)
+
+
+def test_prefix_learns_which_runs_of_new_blocks_come_back():
+    """``tails``: one-block runs came back half the time, 24-block runs never: their weights part."""
+    seen = []
+    simulate(_short_turns_long_documents(), lambda cap: seen.append(PrefixAware(cap, tails=True)) or seen[-1],
+             2000)
+    pol = seen[0]
+    assert pol.freq_weight > 0
+    assert pol.run_weights[0] > 0 > pol.run_weights[4]          # runs of 1 block / of 16-31 blocks
+
+
+def test_prefix_tails_moves_a_run_as_a_whole_and_keeps_its_leaves_first():
+    pol = PrefixAware(16, tails=True)
+    pol.freq_weight = pol.max_freq_weight
+    pol.run_weights = [0.0, 0.0, 3.0] + [0.0] * 5                # runs of 4-7 blocks outlive others
+    chain = [k(i) for i in range(6)]
+    for pos, key in enumerate(chain):
+        pol.insert(key, pos)
+    pol.insert(k(50), 0)                                        # a new run: the 6-block run is over
+    order = [pol.evict(1, lambda key: False)[0] for _ in range(7)]
+    assert order == [k(50)] + list(reversed(chain))
 
 
 @pytest.mark.parametrize("trace_name", ["rag", "scan", "chat", "system-prompts"])
