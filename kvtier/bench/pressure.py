@@ -16,10 +16,10 @@ Engines, each in its own process, on the benchmark Llama:
              engine's KV holds second turns (``max_num_seqs``): the floor
              for the batches kvtier's engine can run at all
 
-The three engines run in turn, ``--alternations`` rounds, each round starting
-with a different one, and the medians are reported.  The first round's kvtier
-and floor engines then run the same workload on new conversations one request
-at a time (the control): one sequence at a time, batching cannot change the
+The four engines run in turn, ``--alternations`` rounds, each round starting
+with a different one, and the medians are reported.  Every round's kvtier and
+floor engines then run the same workload on new conversations one request at
+a time (the control): one sequence at a time, batching cannot change the
 numbers, so the control's outputs with kvtier must be identical, token for
 token, to the floor's.
 
@@ -163,11 +163,11 @@ def run(args) -> list[dict]:
                ("floor", None, sizes["floor_kv"], args.max_num_seqs),
                ("batch", None, sizes["floor_kv"], sizes["same_batch"])]
     for i in range(args.alternations):
-        # each round runs every engine, starting with a different one; the first
-        # round's kvtier and floor engines run the control too
+        # each round runs every engine, starting with a different one; its kvtier
+        # and floor engines run the control too
         k = i % len(engines)
         for name, conn, kv_bytes, seqs in engines[k:] + engines[:k]:
-            extra = [control] if i == 0 and name in ("kvtier", "floor") and not args.no_control else []
+            extra = [control] if name in ("kvtier", "floor") and not args.no_control else []
             phases = _profiled([batched] + extra, args.profile, f"{name}-{i}")
             out = run_engine(dict(base, kvtier=conn, kv_cache_memory_bytes=kv_bytes, phases=phases,
                                   max_num_seqs=seqs), work, f"{name}-{i}", timeout=3600, env=env)

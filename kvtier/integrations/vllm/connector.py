@@ -32,6 +32,7 @@ from .geometry import engine_geometry
 from .metadata import KVTierConnectorMetadata
 from .options import ConnectorOptions
 from .scheduler import KVTierScheduler
+from .shm import arena_path, host_geometry
 from .stats import KVTierConnectorStats, KVTierPromMetrics
 from .worker import KVTierWorker, tp_rank
 
@@ -78,6 +79,8 @@ class KVTierConnector(KVConnectorBase_V1, SupportsHMA):
     # ---- worker side --------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         self.worker.register_kv_caches(kv_caches)
+        slot, num_slots = host_geometry(self.options.cache, self.geometry.block_bytes)
+        self.worker.expect_arena(arena_path(self._kv_transfer_config.engine_id), slot * num_slots)
 
     def _meta(self) -> KVTierConnectorMetadata:
         meta = self._get_connector_metadata()

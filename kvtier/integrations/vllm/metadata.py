@@ -50,6 +50,7 @@ class ArenaInfo:
     path: str
     nbytes: int
     slot_bytes: int
+    identity: tuple[int, int] | None = None   # (st_dev, st_ino) of the file the scheduler created
 
 
 @dataclass

@@ -80,7 +80,8 @@ class KVTierScheduler:
         self.records = TierRecords()              # where blocks move between tiers, for take_events
         self.cache, self.shared = build_shared_cache(opts.cache, geometry.namespace, geometry.block_bytes,
                                                      arena_path(engine_id), listeners=[self.records])
-        self.arena = ArenaInfo(self.shared.path, self.shared.nbytes, self.cache.tiers[0].slot_bytes)
+        self.arena = ArenaInfo(self.shared.path, self.shared.nbytes, self.cache.tiers[0].slot_bytes,
+                               self.shared.identity)
         self._attached = False
         self._ranks_attached: set[int] = set()
         self._store_tally = RankTally(geometry.tp_size)     # results still missing a rank

@@ -50,6 +50,8 @@ class SharedArena:
         self.path = path
         self.nbytes = nbytes
         try:
+            st = os.fstat(fd)
+            self.identity = (st.st_dev, st.st_ino)    # which file this is, whatever its path names now
             # MAP_POPULATE (creator): allocate and map every page now, so no copy pays for it.
             # A worker attaching maps lazily: the pages exist already, and populating a whole
             # arena inside the first request's step would stall it (~0.1 s per GiB).

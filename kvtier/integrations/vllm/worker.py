@@ -36,6 +36,7 @@ import numpy as np
 from ...errors import ConfigError
 from ...gpu.copier import KVCopier
 from ...layout import BlockLayout
+from .early_attach import EarlyAttach
 from .geometry import EngineGeometry
 from .inflight import InflightOp, take_done
 from .metadata import ArenaInfo, KVTierConnectorMetadata, KVTierWorkerMetadata
@@ -74,6 +75,7 @@ class KVTierWorker:
         self._layer_of: dict[str, tuple[int, int]] = {}   # layer name -> (group, layer in its layout)
         self.arena: SharedArena | None = None
         self._pin = None
+        self._early: EarlyAttach | None = None    # mapping (pinning) the arena before the first step
         self._arena_info: ArenaInfo | None = None
         self._stores: list[InflightOp] = []        # not yet reported
         self._async_loads: list[InflightOp] = []
@@ -122,17 +124,29 @@ class KVTierWorker:
                  ", ".join(f"group {g.index} {g.kind} {g.num_layers} layers" for g in self.geometry.groups),
                  self.geometry.rank_bytes, self.geometry.block_bytes, self.copiers[0].mechanism)
 
+    def expect_arena(self, path: str, nbytes: int) -> None:
+        """Map, and on CUDA pin, the arena at ``path`` as soon as the scheduler creates it
+        (see early_attach.py), so the first request's step does not pay for it."""
+        if self._early is None and self.arena is None:
+            device = self.layouts[0].device if self.layouts else None
+            self._early = EarlyAttach(path, nbytes, device)
+
     def _attach(self, info: ArenaInfo | None) -> None:
         if info is None or (self._arena_info is not None and self._arena_info.path == info.path):
             return
         self._close_arena()
-        self.arena = SharedArena.attach(info.path, info.nbytes)
+        early, self._early = self._early, None
+        got = early.take(info) if early is not None else None
+        if got is not None:
+            self.arena, self._pin = got
+        else:
+            self.arena = SharedArena.attach(info.path, info.nbytes)
+            if self.layouts and self.layouts[0].device.type == "cuda":
+                from ...gpu.pinning import pin_host_range
+                self._pin = pin_host_range(self.arena.base, info.nbytes)   # KVTierError naming RLIMIT_MEMLOCK
+                if self._pin is not None:
+                    self._pin.check()
         self._arena_info = info
-        if self.layouts and self.layouts[0].device.type == "cuda":
-            from ...gpu.pinning import pin_host_range
-            self._pin = pin_host_range(self.arena.base, info.nbytes)   # KVTierError naming RLIMIT_MEMLOCK
-            if self._pin is not None:
-                self._pin.check()
         self._results.attached.add(self.rank)
 
     def _close_arena(self) -> None:
@@ -302,5 +316,8 @@ class KVTierWorker:
         return len(self._stores) + len(self._async_loads) + len(self._step_loads)
 
     def shutdown(self) -> None:
+        if self._early is not None:
+            self._early.close()
+            self._early = None
         self._poll()
         self._close_arena()
