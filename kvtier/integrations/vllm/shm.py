@@ -7,7 +7,8 @@ engine's KV tensors and host slots.  Both need the same bytes, so the host
 tier's arena is a file in ``/dev/shm`` that each process maps:
 
     scheduler: SharedArena.create(path, nbytes)   fallocate: fails now, not with SIGBUS later
-    worker:    SharedArena.attach(path, nbytes)   once it sees the path in metadata
+    worker:    SharedArena.attach(path, nbytes)   as soon as the file appears (early_attach.py),
+                                                  checked against the path and inode in metadata
     scheduler: unlink() once the worker has attached (memory goes with the last mapping)
 
 The scheduler's host tier is an ordinary HostTier over the arena's array
