@@ -11,6 +11,7 @@ Two sources of metrics, both Prometheus collectors (a ``collect()`` method):
     m.describe("requests_total", "counter", "requests served, by op and outcome")
     m.inc("requests_total", op="get", outcome="ok")
     m.set("namespace_capacity_bytes", 4096, ns="alice")
+    m.remove("namespace_capacity_bytes", ns="alice")     # alice's namespace is gone
     m.exposition()                     # Prometheus text format 0.0.4
 
 :func:`serve_http` answers ``GET /metrics`` for any number of collectors.
@@ -98,6 +99,14 @@ class Metrics:
         key = tuple(sorted(labels.items()))
         with self._lock:
             self._values[name][key] = value
+
+    def remove(self, name: str, **labels: object) -> None:
+        """Forget one label set of a metric (a gauge of something that no longer exists),
+        so the series stops being exported instead of lingering at 0."""
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            self._values.get(name, {}).pop(key, None)
+            self._hists.get(name, {}).pop(key, None)
 
     def observe(self, name: str, value: float | None, **labels: object) -> None:
         """Count ``value`` into a histogram declared with ``describe(name, "histogram", ...)``;

@@ -208,8 +208,8 @@ class Server:
         freed = self.namespaces.release(ns, reason)
         if freed:
             self.metrics.inc("namespaces_released_total", reason=reason)
-            self.metrics.set("namespace_capacity_bytes", 0, ns=ns)
-            self.metrics.set("namespace_resident_blocks", 0, ns=ns)
+            self.metrics.remove("namespace_capacity_bytes", ns=ns)     # no series left per dead namespace
+            self.metrics.remove("namespace_resident_blocks", ns=ns)
             self.metrics.set("namespaces", len(self.stores))
         return freed
 

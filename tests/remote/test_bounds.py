@@ -167,3 +167,22 @@ def test_default_bounds_are_consistent():
     assert b["limits"].max_block_bytes == 64 * MiB and b["limits"].max_request_bytes == 256 * MiB
     assert b["max_inflight_bytes"] == 512 * MiB and b["idle_release_s"] == 600
     assert bounds(_args("--max-request-bytes", "1MiB"))["limits"].max_block_bytes == MiB - P.MAX_HEADER_BYTES
+
+
+def test_a_released_namespace_leaves_no_metric_series_behind():
+    """A server that sees many short-lived namespaces must not export one dead series per
+    namespace forever: its gauges go with it."""
+    from kvtier.remote.server import Server
+    srv = Server("tcp://127.0.0.1:0", capacity_bytes=8 * MiB, default_quota=4 * MiB)
+    try:
+        for ns in ("gone", "kept"):
+            srv.open_namespace(ns, BB)
+        srv.metrics.set("namespace_resident_blocks", 3, ns="gone")
+        assert srv.release("gone", "drop") > 0
+        series = srv.metrics.snapshot()
+        assert not any("ns=gone" in name for name in series), series
+        assert series["namespace_capacity_bytes{ns=kept}"] > 0
+        assert series["namespaces"] == 1
+        assert series["namespaces_released_total{reason=drop}"] == 1
+    finally:
+        srv.close()
