@@ -62,6 +62,7 @@ SUITE = "pressure"
 MODELS = {"bench": BENCH, "tiny": TINY}
 QUICK = {"conversations": 8, "prompt_tokens": 768, "turn_tokens": 96, "gen_tokens": 4, "alternations": 1}
 BLOCK_TOKENS = 32          # vllm_engine's block_size
+CASES = {"batch": "floor_same_batch"}     # row names of engines not named as their rows
 
 
 def add_arguments(p) -> None:
@@ -212,6 +213,27 @@ def _connector_seconds(out: dict, case: str, turn: int) -> float | None:
     return None if None in parts else sum(parts)
 
 
+def _connector_costs(outs: list[dict], recs: list[dict], case: str, turn: int) -> dict:
+    """What the connector cost kvtier's engines in one turn (medians over the engines)."""
+    secs = [r["seconds"] for r in recs]
+    out = {}
+    conn = [_connector_seconds(o, case, turn) for o in outs]
+    if None not in conn:         # the connector's direct cost: its share of the turn's time
+        out["connector_seconds"] = round(statistics.median(conn), 4)
+        out["connector_share"] = round(statistics.median(c / t for c, t in zip(conn, secs)), 5)
+    copies = [_during(o, case, turn, "worker.store_seconds") for o in outs]
+    if None not in copies:
+        out["store_copy_seconds"] = round(statistics.median(copies), 4)
+    # CPU of kvtier's own threads (transfer threads, native copy pool) during the turn:
+    # with the hooks, an upper bound of what the connector takes from the engine
+    threads = [sum(v for k, v in rec.get("thread_cpu_s", {}).items() if k.startswith("kvtier")) for rec in recs]
+    out["kvtier_thread_cpu_seconds"] = round(statistics.median(threads), 4)
+    if None not in conn:
+        out["connector_cpu_share"] = round(statistics.median(
+            (c + th) / t for c, th, t in zip(conn, threads, secs)), 5)
+    return out
+
+
 def report(runs: dict[str, list[dict]], args, sizes: dict) -> list[dict]:
     """Rows from the engines' results; see the module docstring."""
     floor_out = runs["floor"][0]        # the outputs every engine's are compared with
@@ -237,7 +259,8 @@ def report(runs: dict[str, list[dict]], args, sizes: dict) -> list[dict]:
                 kv_tokens = (int(statistics.median(loaded)) * BLOCK_TOKENS
                              if all(n is not None for n in loaded) else None)
                 same = [r["outputs"] == floor_rec["outputs"] for r in recs]
-                r = row(SUITE, f"{prefix}turn{turn}_{name}", (kv_tokens or 0) * sizes["per_token"], med, None,
+                r = row(SUITE, f"{prefix}turn{turn}_{CASES.get(name, name)}", (kv_tokens or 0) * sizes["per_token"],
+                        med, None,
                         samples=[round(s, 3) for s in secs],
                         ratio_to_floor=round(med / ref["floor"], 4),
                         ratio_to_plain=round(med / ref["plain"], 4) if ref["plain"] else None,
@@ -249,26 +272,11 @@ def report(runs: dict[str, list[dict]], args, sizes: dict) -> list[dict]:
                         conversations=args.conversations, one_at_a_time=case == "seq")
                 r["ratio"] = r["ratio_to_floor"] if turn == 2 or not ref["plain"] else r["ratio_to_plain"]
                 if name == "batch":
-                    r["case"] = f"{prefix}turn{turn}_floor_same_batch"
                     r["max_num_seqs"] = sizes["same_batch"]
                 if ref["batch"] and turn == 2:
                     r["ratio_to_same_batch"] = round(med / ref["batch"], 4)
                 if name == "kvtier":
-                    conn = [_connector_seconds(o, case, turn) for o in outs]
-                    if None not in conn:     # the connector's direct cost: its share of the turn's time
-                        r["connector_seconds"] = round(statistics.median(conn), 4)
-                        r["connector_share"] = round(statistics.median(c / t for c, t in zip(conn, secs)), 5)
-                    copies = [_during(o, case, turn, "worker.store_seconds") for o in outs]
-                    if None not in copies:
-                        r["store_copy_seconds"] = round(statistics.median(copies), 4)
-                    # CPU of kvtier's own threads (transfer threads, native copy pool) during the turn:
-                    # with the hooks, an upper bound of what the connector takes from the engine
-                    threads = [sum(v for k, v in rec.get("thread_cpu_s", {}).items() if k.startswith("kvtier"))
-                               for rec in recs]
-                    r["kvtier_thread_cpu_seconds"] = round(statistics.median(threads), 4)
-                    if None not in conn:
-                        r["connector_cpu_share"] = round(statistics.median(
-                            (c + th) / t for c, th, t in zip(conn, threads, secs)), 5)
+                    r.update(_connector_costs(outs, recs, case, turn))
                 if name == "plain" and turn == 2:
                     r["evicted_all"] = cached == 0
                 rows.append(r)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -18,11 +19,45 @@ def _wait_until(cond, timeout=10.0):
         time.sleep(0.01)
 
 
-def _create(path, nbytes, geo):
-    from kvtier.integrations.vllm.metadata import ArenaInfo
-    from kvtier.integrations.vllm.shm import SharedArena
-    arena = SharedArena.create(path, nbytes)
-    return arena, ArenaInfo(path, nbytes, geo.block_bytes, arena.identity)
+class _Engine:
+    """One engine's worker side and the scheduler's arena file, cleaned up by the fixture."""
+
+    def __init__(self, tmp_path):
+        self.geo = _geometry(_spec("full"))
+        self.kv = _tensors(self.geo, 0)
+        self.path, self.nbytes = str(tmp_path / "arena"), 8 * self.geo.block_bytes
+        self.worker = self.arena = None
+
+    def stale_file(self) -> None:
+        """A file at the arena's path, as a killed engine with the same id leaves one."""
+        with open(self.path, "wb") as f:
+            f.truncate(self.nbytes)
+
+    def start_worker(self):
+        self.worker = _worker(self.geo, 0, self.kv)
+        self.worker.expect_arena(self.path, self.nbytes)
+        return self.worker
+
+    def create_arena(self):
+        """The scheduler's arena, and the ArenaInfo its first step's metadata carries."""
+        from kvtier.integrations.vllm.metadata import ArenaInfo
+        from kvtier.integrations.vllm.shm import SharedArena
+        self.arena = SharedArena.create(self.path, self.nbytes)
+        return ArenaInfo(self.path, self.nbytes, self.geo.block_bytes, self.arena.identity)
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown()
+        if self.arena is not None:
+            self.arena.unlink()
+            self.arena.close()
+
+
+@pytest.fixture
+def engine(tmp_path):
+    e = _Engine(tmp_path)
+    yield e
+    e.close()
 
 
 def _round_trip(w, info, kv):
@@ -54,58 +89,34 @@ def spy_attach(monkeypatch):
     return calls
 
 
-def test_the_arena_is_mapped_when_it_appears_and_adopted_at_the_first_step(tmp_path, spy_attach):
-    geo = _geometry(_spec("full"))
-    kv = _tensors(geo, 0)
-    w = _worker(geo, 0, kv)
-    path, nbytes = str(tmp_path / "arena"), 8 * geo.block_bytes
-    w.expect_arena(path, nbytes)              # before the scheduler has created it
+def test_the_arena_is_mapped_when_it_appears_and_adopted_at_the_first_step(engine, spy_attach):
+    w = engine.start_worker()                 # before the scheduler has created the arena
     time.sleep(0.1)
     assert spy_attach == []
-    arena, info = _create(path, nbytes, geo)
-    try:
-        _wait_until(lambda: spy_attach)       # mapped before any step asked for it
-        _round_trip(w, info, kv)
-        assert spy_attach == [path]           # the first step adopted that mapping
-        assert w.arena.identity == arena.identity
-    finally:
-        w.shutdown()
-        arena.unlink()
-        arena.close()
+    info = engine.create_arena()
+    _wait_until(lambda: spy_attach)           # mapped before any step asked for it
+    _round_trip(w, info, engine.kv)
+    assert spy_attach == [engine.path]        # the first step adopted that mapping
+    assert w.arena.identity == engine.arena.identity
 
 
-def test_a_stale_file_mapped_early_is_dropped_for_the_one_the_scheduler_created(tmp_path, spy_attach):
-    geo = _geometry(_spec("full"))
-    kv = _tensors(geo, 0)
-    path, nbytes = str(tmp_path / "arena"), 8 * geo.block_bytes
-    with open(path, "wb") as f:              # left by a killed engine with the same id, just now
-        f.truncate(nbytes)
-    w = _worker(geo, 0, kv)
-    w.expect_arena(path, nbytes)
-    _wait_until(lambda: spy_attach)           # it looked right, so it was mapped
-    stale_identity = (os.stat(path).st_dev, os.stat(path).st_ino)
-    arena, info = _create(path, nbytes, geo)  # the scheduler replaces it
+def test_a_stale_file_mapped_early_is_dropped_for_the_one_the_scheduler_created(engine, spy_attach):
+    engine.stale_file()                       # left just now: it looks right, so it is mapped
+    w = engine.start_worker()
+    _wait_until(lambda: spy_attach)
+    stale_identity = (os.stat(engine.path).st_dev, os.stat(engine.path).st_ino)
+    info = engine.create_arena()              # the scheduler replaces it
     assert info.identity != stale_identity
-    try:
-        _round_trip(w, info, kv)
-        assert spy_attach == [path, path]     # attached again, to the scheduler's file
-        assert w.arena.identity == arena.identity
-    finally:
-        w.shutdown()
-        arena.unlink()
-        arena.close()
+    _round_trip(w, info, engine.kv)
+    assert spy_attach == [engine.path, engine.path]     # attached again, to the scheduler's file
+    assert w.arena.identity == engine.arena.identity
 
 
-def test_a_file_older_than_the_worker_is_never_mapped_early(tmp_path, spy_attach):
-    geo = _geometry(_spec("full"))
-    kv = _tensors(geo, 0)
-    path, nbytes = str(tmp_path / "arena"), 8 * geo.block_bytes
-    with open(path, "wb") as f:
-        f.truncate(nbytes)
+def test_a_file_older_than_the_worker_is_never_mapped_early(engine, spy_attach):
+    engine.stale_file()
     time.sleep(1.2)                           # older than the worker by more than the clock slack
-    w = _worker(geo, 0, kv)
-    w.expect_arena(path, nbytes)
+    w = engine.start_worker()
     time.sleep(0.3)
     assert spy_attach == []
     w.shutdown()                              # stops the watch; nothing mapped, nothing left running
-    assert not any(t.name == "kvtier-early-attach" and t.is_alive() for t in __import__("threading").enumerate())
+    assert not any(t.name == "kvtier-early-attach" and t.is_alive() for t in threading.enumerate())

@@ -35,6 +35,34 @@ WATCH_S = 1800.0       # give up watching after this long (the worker then attac
 CLOCK_SLACK_NS = 1_000_000_000   # file times are coarser than time.time_ns()
 
 
+def attach(path: str, nbytes: int, device=None) -> tuple[SharedArena, object]:
+    """Map the arena and, for a CUDA device, pin it (on this thread, for that device):
+    (arena, pin or None).  Nothing is left mapped when pinning fails: its KVTierError
+    names RLIMIT_MEMLOCK where that limit is the likely cause."""
+    arena = SharedArena.attach(path, nbytes)
+    if device is None or getattr(device, "type", "cpu") != "cuda":
+        return arena, None
+    try:
+        import torch
+        from ...gpu.pinning import pin_host_range
+        torch.cuda.set_device(device)              # the calling thread's current device
+        pin = pin_host_range(arena.base, nbytes)
+        if pin is not None:
+            pin.check()
+    except BaseException:
+        arena.close()
+        raise
+    return arena, pin
+
+
+def release(arena: SharedArena | None, pin) -> None:
+    """Undo :func:`attach`: unpin, then unmap (either may be None)."""
+    if pin is not None:
+        pin.close()
+    if arena is not None:
+        arena.close()
+
+
 class EarlyAttach:
     def __init__(self, path: str, nbytes: int, device=None, watch_s: float = WATCH_S):
         self.path, self.nbytes, self.device = path, nbytes, device
@@ -61,24 +89,10 @@ class EarlyAttach:
     def _attach(self) -> None:
         t0 = time.perf_counter()
         try:
-            arena = SharedArena.attach(self.path, self.nbytes)
-        except Exception as e:           # gone again, resized: the first step attaches
+            self._arena, self._pin = attach(self.path, self.nbytes, self.device)
+        except Exception as e:   # gone again, resized, RLIMIT_MEMLOCK: the first step attaches (and raises)
             log.info("kvtier: early attach of %s failed (%s); attaching at the first step", self.path, e)
             return
-        self._arena = arena
-        if self.device is not None and getattr(self.device, "type", "cpu") == "cuda":
-            try:
-                import torch
-                from ...gpu.pinning import pin_host_range
-                torch.cuda.set_device(self.device)          # this thread's current device
-                pin = pin_host_range(arena.base, self.nbytes)
-                if pin is not None:
-                    pin.check()
-                self._pin = pin
-            except Exception as e:       # e.g. RLIMIT_MEMLOCK: the first step raises it where it is seen
-                log.info("kvtier: pinning %s early failed (%s); pinning at the first step", self.path, e)
-                self._drop()
-                return
         self.seconds = time.perf_counter() - t0
         log.info("kvtier: host arena %s mapped%s before the first step (%.2f s)", self.path,
                  " and pinned" if self._pin is not None else "", self.seconds)
@@ -100,12 +114,8 @@ class EarlyAttach:
         return got
 
     def _drop(self) -> None:
-        if self._pin is not None:
-            self._pin.close()
-            self._pin = None
-        if self._arena is not None:
-            self._arena.close()
-            self._arena = None
+        release(self._arena, self._pin)
+        self._arena = self._pin = None
 
     def close(self) -> None:
         self._stop.set()

@@ -36,7 +36,7 @@ import numpy as np
 from ...errors import ConfigError
 from ...gpu.copier import KVCopier
 from ...layout import BlockLayout
-from .early_attach import EarlyAttach
+from .early_attach import EarlyAttach, attach, release
 from .geometry import EngineGeometry
 from .inflight import InflightOp, take_done
 from .metadata import ArenaInfo, KVTierConnectorMetadata, KVTierWorkerMetadata
@@ -128,8 +128,11 @@ class KVTierWorker:
         """Map, and on CUDA pin, the arena at ``path`` as soon as the scheduler creates it
         (see early_attach.py), so the first request's step does not pay for it."""
         if self._early is None and self.arena is None:
-            device = self.layouts[0].device if self.layouts else None
-            self._early = EarlyAttach(path, nbytes, device)
+            self._early = EarlyAttach(path, nbytes, self._device())
+
+    def _device(self):
+        """The KV tensors' device (None before they are registered)."""
+        return self.layouts[0].device if self.layouts else None
 
     def _attach(self, info: ArenaInfo | None) -> None:
         if info is None or (self._arena_info is not None and self._arena_info.path == info.path):
@@ -137,27 +140,16 @@ class KVTierWorker:
         self._close_arena()
         early, self._early = self._early, None
         got = early.take(info) if early is not None else None
-        if got is not None:
-            self.arena, self._pin = got
-        else:
-            self.arena = SharedArena.attach(info.path, info.nbytes)
-            if self.layouts and self.layouts[0].device.type == "cuda":
-                from ...gpu.pinning import pin_host_range
-                self._pin = pin_host_range(self.arena.base, info.nbytes)   # KVTierError naming RLIMIT_MEMLOCK
-                if self._pin is not None:
-                    self._pin.check()
+        # else map (and pin) it now: KVTierError naming RLIMIT_MEMLOCK if pinning is refused
+        self.arena, self._pin = got or attach(info.path, info.nbytes, self._device())
         self._arena_info = info
         self._results.attached.add(self.rank)
 
     def _close_arena(self) -> None:
         for c in self.copiers:
             c.flush()
-        if self._pin is not None:
-            self._pin.close()
-            self._pin = None
-        if self.arena is not None:
-            self.arena.close()
-            self.arena = None
+        release(self.arena, self._pin)
+        self.arena = self._pin = None
 
     def _slot_addrs(self, slots) -> np.ndarray:
         """Where this rank's slice of each slot starts."""
@@ -191,11 +183,12 @@ class KVTierWorker:
     def before_step(self) -> None:
         """Order this step's compute after the previous step's stores (they read pages vLLM may reuse)."""
         fenced, self._fenced = self._fenced, []
+        if not fenced:
+            return
         t0 = time.perf_counter()
         for op in fenced:
             op.wait_on_stream()
-        if fenced:
-            self._count("store_fence_seconds", time.perf_counter() - t0)
+        self._count("store_fence_seconds", time.perf_counter() - t0)
 
     def start_load_kv(self, meta: KVTierConnectorMetadata) -> None:
         self._attach(meta.arena)
